@@ -1,0 +1,339 @@
+"""Typed recipe schema: frozen dataclasses, and a checker that turns a composed Hydra config into them.
+
+Every error names the offending key by its full dotted path; an unknown key also names the closest
+valid one, and a wrong type names the expected type:
+
+    >>> parse(RunConfig, {"nmae": "x"}, "run")
+    Traceback (most recent call last):
+    ...
+    posttrain.config.ConfigError: unknown key 'run.nmae' (did you mean 'run.name'?)
+
+Stage types register their config class in ``STAGE_TYPES`` (``sft`` here; rl, dpo and distill add
+theirs in their own modules' config classes below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe that does not fit the schema. The message is one line that says what to fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The checker
+
+
+def parse(cls: type[T], data: Any, path: str) -> T:
+    """Build dataclass ``cls`` from plain ``data`` (dicts/lists/scalars), checking keys and types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' must be a mapping of {cls.__name__} settings, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{_join(path, close[0])}'?)" if close else f" (valid: {', '.join(fields)})"
+            raise ConfigError(f"unknown key '{_join(path, str(key))}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, _join(path, key))
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{_join(path, name)}'")
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(path)
+    return obj
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"'{path}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"'{path}' must be one of {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, path)  # type: ignore[arg-type]
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{path}' must be a list, got {value!r}")
+        (item_tp, *_rest) = get_args(tp) or (Any,)
+        return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
+        _k, v_tp = get_args(tp) or (str, Any)
+        return {k: _coerce(v_tp, v, _join(path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{path}' must be bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{path}' must be int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{path}' must be float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{path}' must be str, got {value!r}")
+    raise ConfigError(f"'{path}': unsupported schema type {tp!r}")  # a bug in the schema, not the recipe
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dicts/lists (for saving the resolved recipe and logging it)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared sections
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs"  # run dir = <dir>/<name>
+    seed: int = 0
+    overwrite: bool = False  # allow replacing a finished run's outputs
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    # offline writes <run dir>/wandb and never touches the network; online needs WANDB_API_KEY;
+    # disabled logs to metrics.jsonl only. The WANDB_MODE environment variable overrides this.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "posttrain"
+    entity: str | None = None
+    init_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    log_every: int = 10
+    progress: bool = True  # tqdm bar with ETA per stage
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Either ``name_or_path`` (any HF model dir or hub id) or a tiny model built from ``arch`` + ``config``."""
+
+    name_or_path: str | None = None
+    arch: Literal["llama", "llama4", "qwen3_moe", "mixtral"] | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # HF config kwargs for ``arch``
+    tokenizer: str | None = "char"  # "char" (the tiny world's), a path/hub id, or null = from name_or_path
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    description: str = ""
+
+    def check(self, path: str) -> None:
+        if self.name_or_path is None and self.arch is None:
+            raise ConfigError(f"'{path}' needs either name_or_path (an HF model dir or hub id) or arch + config")
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = False  # fp16 does not run on CPU; bf16 does
+    gradient_clipping: float = 1.0
+    # Extra keys merged into the generated DeepSpeed JSON (expert users; keys are DeepSpeed's own).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    ep_size: int = 1  # expert-parallel group size for MoE students
+
+    def check(self, path: str) -> None:
+        if self.ep_size < 1:
+            raise ConfigError(f"'{path}.ep_size' must be >= 1, got {self.ep_size}")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    nproc_per_node: int = 1  # >1: `posttrain run` re-launches itself under torchrun with this many ranks
+    nnodes: int = 1
+    hostfile: str | None = None
+
+
+@dataclass(frozen=True)
+class TinyTaskConfig:
+    """One synthetic capability of the tiny world. ``digits``/``lengths`` set the difficulty levels."""
+
+    kind: Literal["add", "mul", "reverse", "sort"]
+    levels: tuple[int, ...] = (2,)  # digits for add/mul, string length for reverse/sort
+    weight: float = 1.0  # sampling weight (SFT mixture, RL capability mix)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a stage's examples come from.
+
+    ``source: tiny`` generates the tiny world's tasks from ``seed``; otherwise ``source`` is a
+    ``.jsonl``/``.json``/``.parquet`` file or a ``datasets`` dataset name/dir, with columns
+    ``prompt`` and ``answer`` (RL, eval) or ``prompt`` + ``completion`` (SFT; ``answer`` is used
+    when ``completion`` is absent), and optionally ``capability`` and ``difficulty``.
+    """
+
+    source: str = "tiny"
+    split: str = "train"
+    tasks: dict[str, TinyTaskConfig] = field(default_factory=dict)  # for source=tiny
+    num_train: int = 20000
+    num_eval: int = 200  # held-out prompts (disjoint from train) per capability
+    eval_source: str | None = None  # held-out file for non-tiny sources
+    max_prompt_len: int = 64
+    max_completion_len: int = 16
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    betas: tuple[float, ...] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward in a weighted combination: a registry name, entry point, or 'pkg.module:fn'."""
+
+    name: str
+    weight: float = 1.0
+    timeout_s: float = 30.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward function
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    specs: tuple[RewardSpec, ...] = (RewardSpec(name="exact_match"),)
+    strict: bool = False  # True: a failing reward stops the run; False: isolate, count, go on
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # 0: only at the end of the stage
+    num_prompts: int = 200  # per capability, from the held-out split
+    max_new_tokens: int = 16
+    sampled: bool = True  # also measure sampled pass@1 at temperature 1
+    batch_size: int = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    type: Literal["sft"] = "sft"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    max_steps: int = 500
+    micro_batch_size: int = 64  # sequences per micro-batch per rank
+    grad_accum: int = 1
+    pack: bool = False  # True: pack several examples per row; False: length-grouped batches
+    seq_len: int = 64  # row length when packing
+    save_every: int = 100  # resume-state checkpoint interval (steps)
+    data_filters: tuple[str, ...] = ()  # names in the data-filter registry, applied in order
+
+
+STAGE_TYPES: dict[str, type] = {"sft": SFTConfig}
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    description: str = ""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="llama"))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    stages: dict[str, Any] = field(default_factory=dict)  # ordered: name -> stage config
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    data = dict(data)
+    stages_raw = data.pop("stages", None) or {}
+    if not isinstance(stages_raw, dict):
+        raise ConfigError("'stages' must be a mapping of stage name -> settings (ordered)")
+    recipe = parse(Recipe, data, "")
+    stages: dict[str, Any] = {}
+    for name, raw in stages_raw.items():
+        path = f"stages.{name}"
+        if not isinstance(raw, dict) or "type" not in raw:
+            raise ConfigError(f"'{path}' needs a 'type' (one of: {', '.join(sorted(STAGE_TYPES))})")
+        kind = raw["type"]
+        if kind not in STAGE_TYPES:
+            close = difflib.get_close_matches(str(kind), list(STAGE_TYPES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"'{path}.type' is {kind!r}{hint}; valid: {', '.join(sorted(STAGE_TYPES))}")
+        stages[name] = parse(STAGE_TYPES[kind], raw, path)
+    if not stages:
+        raise ConfigError("the recipe has no stages; add at least one under 'stages'")
+    return dataclasses.replace(recipe, stages=stages)
+
+
+__all__ = [
+    "ConfigError",
+    "Recipe",
+    "parse",
+    "parse_recipe",
+    "to_dict",
+    "STAGE_TYPES",
+    "typing",
+]

@@ -1,0 +1,110 @@
+"""Model factory: tiny models built from config (the tiny world), or any HF model dir / hub id.
+
+Tiny configs live in ``recipes/model/*.yaml``. ``arch`` picks the transformers class:
+
+  llama      LlamaForCausalLM            dense
+  llama4     Llama4ForCausalLM (text)    interleaved MoE layers, shared + routed experts, top-1, NoPE layers
+  qwen3_moe  Qwen3MoeForCausalLM         top-k softmax routing
+  mixtral    MixtralForCausalLM
+
+vLLM's CPU attention needs head_dim >= 32, so tiny configs keep hidden_size / num_attention_heads >= 32.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.config import ConfigError, ModelConfig
+from posttrain.tokenizer import build_char_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _config_class(arch: str) -> Any:
+    import transformers
+
+    return {
+        "llama": transformers.LlamaConfig,
+        "llama4": transformers.Llama4TextConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+        "mixtral": transformers.MixtralConfig,
+    }[arch]
+
+
+def _model_class(arch: str) -> Any:
+    import transformers
+
+    return {
+        "llama": transformers.LlamaForCausalLM,
+        "llama4": transformers.Llama4ForCausalLM,
+        "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+        "mixtral": transformers.MixtralForCausalLM,
+    }[arch]
+
+
+def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if cfg.tokenizer == "char":
+        return build_char_tokenizer()
+    source = cfg.tokenizer or cfg.name_or_path
+    if source is None:
+        raise ConfigError("model.tokenizer is null and model.name_or_path is not set; name a tokenizer")
+    _check_local_path(source, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def _check_local_path(source: str, key: str) -> None:
+    looks_local = source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]
+    if looks_local and not Path(source).expanduser().exists():
+        raise ConfigError(f"{key}: model dir '{source}' does not exist; point it at a saved HF model dir")
+
+
+def hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The transformers config of a tiny model (vocab and special ids come from the tokenizer)."""
+    assert cfg.arch is not None
+    kwargs = dict(cfg.config)
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("tie_word_embeddings", False)
+    conf = _config_class(cfg.arch)(**kwargs)
+    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
+    if head_dim < 32:
+        raise ConfigError(
+            f"model.config: head_dim {head_dim} < 32 is not supported by vLLM's CPU attention; "
+            "raise hidden_size or lower num_attention_heads"
+        )
+    return conf
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Initial model + tokenizer for the first stage of a recipe."""
+    tokenizer = build_tokenizer(cfg)
+    if cfg.name_or_path is not None:
+        return load_model(cfg.name_or_path, cfg.dtype, key="model.name_or_path"), tokenizer
+    conf = hf_config(cfg, tokenizer)
+    torch.manual_seed(seed)
+    model = _model_class(cfg.arch or "llama")(conf).to(DTYPES[cfg.dtype])
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def load_model(path: str, dtype: str = "float32", key: str = "checkpoint") -> PreTrainedModel:
+    _check_local_path(path, key)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+
+
+def load_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A stage's exported checkpoint (model + tokenizer in one HF dir)."""
+    path = str(path)
+    return load_model(path, dtype), AutoTokenizer.from_pretrained(path)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,3 @@
+"""Built-in reward plugins. Importing this package registers them."""
+
+from rewards import exact_match  # noqa: F401
