@@ -50,3 +50,104 @@ def aggregate(per_token: Tensor, mask: Tensor, denom: float | Tensor | None = No
     if denom is None:
         denom = mask.sum().clamp_min(1)
     return total / denom
+
+
+# --------------------------------------------------------------------------------------------------
+# Online RL: clipped policy gradient (GRPO / DAPO), k3 KL to a frozen reference, entropy
+
+
+def policy_gradient_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate (PPO/GRPO; DAPO's asymmetric clip when ``clip_high > clip_low``).
+
+    With ratio ``rho = exp(logprobs - old_logprobs)`` and advantage ``A`` (one per sequence [B] or per
+    token [B, T]), the per-token loss is ``-min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)``.
+    On-policy (``old_logprobs = logprobs.detach()``) rho = 1 and the gradient is ``-A * grad logprobs``.
+
+    logprobs, old_logprobs: [B, T] log-probs of the sampled tokens (current policy, sampling policy);
+    mask: [B, T] bool, True on completion tokens. Returns (loss [B, T] (0 off the mask), metrics):
+    ``clip_frac_low`` (rho < 1 - clip_low with A < 0, where the clip is active), ``clip_frac_high``
+    (rho > 1 + clip_high with A > 0), ``clip_frac`` (either), ``ratio_mean/min/max`` over the mask.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [B, 1] or [B, T]
+    adv = adv.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)  # [B, T]
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
+    per_token = -torch.min(ratio * adv, clipped * adv) * mask  # [B, T]
+    r = ratio.detach()
+    low = (r < 1.0 - clip_low) & (adv < 0) & mask  # [B, T]
+    high = (r > 1.0 + clip_high) & (adv > 0) & mask  # [B, T]
+    count = mask.sum().clamp_min(1)
+    big = torch.finfo(r.dtype).max
+    metrics = {
+        "mask": mask,
+        "ratio": r,
+        "clipped": low | high,
+        "clip_frac_low": low.sum() / count,
+        "clip_frac_high": high.sum() / count,
+        "clip_frac": (low | high).sum() / count,
+        "ratio_mean": (r * mask).sum() / count,
+        "ratio_min": torch.where(mask, r, torch.full_like(r, big)).min(),
+        "ratio_max": torch.where(mask, r, torch.full_like(r, -big)).max(),
+    }
+    return per_token, metrics
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Schulman's k3 estimator of KL(policy || reference) per sampled token.
+
+    With ``d = ref_logprobs - logprobs`` (both [B, T]): ``k3 = exp(d) - d - 1 >= 0``; its expectation
+    under the policy is the KL. Returns (k3 [B, T] (0 off the mask), {"kl_mean": mean over the mask}).
+    """
+    d = ref_logprobs - logprobs  # [B, T]
+    per_token = (torch.exp(d) - d - 1.0) * mask  # [B, T]
+    return per_token, {"mask": mask, "kl_mean": per_token.detach().sum() / mask.sum().clamp_min(1)}
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution: [B, T, V] -> [B, T] (float32), ``H = logsumexp(l) - sum p*l``."""
+    logits = logits.float()
+    p = torch.softmax(logits, dim=-1)  # [B, T, V]
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token RL loss = clipped policy gradient + ``kl_coef`` * k3 KL - ``entropy_coef`` * entropy.
+
+    ``ref_logprobs`` [B, T] is needed when ``kl_coef > 0``; ``entropy`` [B, T] (``entropy_from_logits``)
+    when ``entropy_coef > 0``. Returns (loss [B, T], metrics of the parts; ``kl_mean`` and
+    ``entropy_mean`` whenever their inputs are given, even with a zero coefficient).
+    """
+    per_token, metrics = policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high)
+    count = mask.sum().clamp_min(1)
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("grpo_loss: kl_coef > 0 needs ref_logprobs (log-probs of the frozen reference model)")
+    if entropy_coef > 0 and entropy is None:
+        raise ValueError("grpo_loss: entropy_coef > 0 needs entropy (entropy_from_logits of the policy logits)")
+    if ref_logprobs is not None:
+        kl, kl_metrics = kl_k3(logprobs, ref_logprobs, mask)
+        metrics["kl_mean"] = kl_metrics["kl_mean"]
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * kl
+    if entropy is not None:
+        metrics["entropy_mean"] = (entropy.detach() * mask).sum() / count
+        if entropy_coef > 0:
+            per_token = per_token - entropy_coef * entropy * mask
+    return per_token, metrics
