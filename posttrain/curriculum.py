@@ -1,0 +1,368 @@
+"""Continuous curriculum: the pass@k estimator, a stateful prompt pool, and a capability-mixed sampler.
+
+The RL loop alternates training with *filter passes*. A filter pass samples ``n`` completions of
+each due pool prompt with the current policy and hands the pool the number ``c`` that were correct;
+the pool keeps the prompts whose pass rate ``c / n`` lies in the difficulty band (medium-to-hard)
+and moves the others out:
+
+  status    meaning                                   trained on   re-checked
+  new       drawn from the dataset, not checked yet   yes          at the next filter pass
+  active    pass rate inside the band                 yes          every filter pass
+  easy      above the band, not reliably solved       no           every filter pass
+  backlog   below the band (hopeless: 0 of n)         no           every ``backlog_recheck_every``-th pass
+  retired   reliably solved                           no           never
+
+*Reliably solved* means ``retire_after`` consecutive checks with every completion correct (a check
+is a filter pass or a training group of the prompt). A prompt at pass rate 0.8 still teaches: its
+last step to 1.0 raises sampled pass@1, and a band that retired everything above 0.8 lost exactly
+those gains; so the default band's top is 1.0 and only all-correct checks retire a prompt. Whenever
+fewer than ``capacity`` prompts are trainable, fresh ones are drawn from the dataset, in a seeded
+order, so the pool refreshes itself cheaply. The band can move toward harder prompts over training
+(``band`` -> ``band_final`` linearly over ``band_steps``).
+
+Everything is a plain stateful object (``observe``, ``state_dict``, ``load_state_dict``,
+``metrics``): resuming a run restores the curriculum exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from posttrain.types import Sample
+
+Status = Literal["new", "active", "easy", "backlog", "retired"]
+TRAINABLE: tuple[Status, ...] = ("new", "active")
+
+
+# --------------------------------------------------------------------------------------------------
+# The pass@k estimator
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``c`` correct out of ``n`` samples (Chen et al. 2021, "Evaluating LLMs
+    trained on code"): ``1 - C(n-c, k) / C(n, k)``, computed as the stable product
+    ``1 - prod_{i=n-c+1}^{n} (1 - k / i)`` (no huge binomials).
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 0, 2), pass_at_k(4, 3, 2)
+    (0.25, 0.0, 1.0)
+    >>> round(pass_at_k(4, 1, 2), 6)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    0.5
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+# --------------------------------------------------------------------------------------------------
+# The prompt pool
+
+
+@dataclass
+class PromptStats:
+    status: Status = "new"
+    checks: int = 0  # filter passes this prompt went through
+    last_n: int = 0  # last filter pass: samples and correct ones
+    last_c: int = 0
+    last_check_step: int = -1
+    rate: float | None = None  # latest known pass rate (filter pass or training group)
+    train_groups: int = 0  # training groups observed
+    train_samples: int = 0
+    train_correct: int = 0
+    solved_streak: int = 0  # consecutive all-correct checks
+    backlog_since_pass: int = 0  # filter-pass index at which it entered the backlog
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    capacity: int = 256  # trainable prompts (new + active) the pool keeps topped up
+    band: tuple[float, float] = (0.0, 1.0)  # [lo, hi] inclusive pass-rate band at step 0
+    band_final: tuple[float, float] | None = None  # band at step ``band_steps`` (None: fixed band)
+    band_steps: int = 0
+    retire_after: int = 2  # consecutive all-correct checks before retiring
+    backlog_recheck_every: int = 2  # filter passes between re-checks of the backlog
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, b in (("band", self.band), ("band_final", self.band_final)):
+            if b is not None and not (len(b) == 2 and 0.0 <= b[0] <= b[1] <= 1.0):
+                raise ValueError(f"PoolSettings.{name} must be [lo, hi] with 0 <= lo <= hi <= 1, got {b}")
+        if self.capacity < 1 or self.retire_after < 1 or self.backlog_recheck_every < 1:
+            raise ValueError("PoolSettings: capacity, retire_after and backlog_recheck_every must be >= 1")
+
+
+@dataclass
+class FilterReport:
+    step: int
+    band: tuple[float, float]
+    checked: int
+    moved: dict[str, int] = field(default_factory=dict)  # status -> prompts that ended the pass there
+    pass_at: dict[str, float] = field(default_factory=dict)  # "pass@1", "pass@k", per capability too
+
+
+class PromptPool:
+    """Prompts of a dataset with per-prompt statistics and a difficulty status (module docstring)."""
+
+    def __init__(self, samples: Sequence[Sample], settings: PoolSettings) -> None:
+        uids = [s.uid for s in samples]
+        if len(set(uids)) != len(uids) or any(u == "" for u in uids):
+            raise ValueError("PromptPool needs a unique, non-empty Sample.uid per prompt")
+        self.settings = settings
+        self.samples: dict[str, Sample] = {s.uid: s for s in samples}
+        self._order = list(uids)
+        random.Random(f"pool:{settings.seed}").shuffle(self._order)
+        self._cursor = 0  # next position in _order to draw
+        self.stats: dict[str, PromptStats] = {}
+        self.passes = 0  # filter passes done
+        self.refill()
+
+    # ---- composition of the pool
+
+    def capability(self, uid: str) -> str:
+        return str(self.samples[uid].columns.get("capability", "default"))
+
+    def uids(self, *statuses: Status) -> list[str]:
+        return [u for u, st in self.stats.items() if st.status in statuses]
+
+    def trainable_by_capability(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for uid in self.uids(*TRAINABLE):
+            out.setdefault(self.capability(uid), []).append(uid)
+        return out
+
+    def refill(self) -> int:
+        """Draw fresh prompts until ``capacity`` are trainable or the dataset is used up; returns count."""
+        drawn = 0
+        trainable = len(self.uids(*TRAINABLE))
+        while trainable < self.settings.capacity and self._cursor < len(self._order):
+            uid = self._order[self._cursor]
+            self._cursor += 1
+            if uid not in self.stats:
+                self.stats[uid] = PromptStats()
+                drawn += 1
+                trainable += 1
+        return drawn
+
+    def band_at(self, step: int) -> tuple[float, float]:
+        s = self.settings
+        if s.band_final is None or s.band_steps <= 0:
+            return (s.band[0], s.band[1])
+        f = min(max(step / s.band_steps, 0.0), 1.0)
+        return (s.band[0] + f * (s.band_final[0] - s.band[0]), s.band[1] + f * (s.band_final[1] - s.band[1]))
+
+    # ---- evidence
+
+    def due_for_check(self) -> list[str]:
+        """Prompts the next filter pass should sample: new, active, easy, and the backlog when due."""
+        due = self.uids("new", "active", "easy")
+        every = self.settings.backlog_recheck_every
+        due += [u for u in self.uids("backlog") if (self.passes + 1 - self.stats[u].backlog_since_pass) % every == 0]
+        return due
+
+    def _record(self, st: PromptStats, n: int, c: int) -> None:
+        st.rate = c / n
+        st.solved_streak = st.solved_streak + 1 if c == n else 0
+
+    def observe(self, uid: str, n: int, c: int, step: int) -> None:
+        """A training group of prompt ``uid``: ``c`` of ``n`` completions correct.
+
+        Updates the statistics; all-correct groups count toward retirement (``retire_after``).
+        A prompt retired here leaves the trainable set; ``refill`` (called by ``filter_pass`` and
+        by the loop after observing) replaces it. Other status changes wait for the filter pass.
+        """
+        if not 0 <= c <= n or n < 1:
+            raise ValueError(f"observe({uid!r}): need 0 <= c <= n and n >= 1, got n={n}, c={c}")
+        st = self.stats[uid]
+        st.train_groups += 1
+        st.train_samples += n
+        st.train_correct += c
+        self._record(st, n, c)
+        if st.status in TRAINABLE and st.solved_streak >= self.settings.retire_after:
+            st.status = "retired"
+
+    def filter_pass(self, results: Mapping[str, tuple[int, int]], step: int, k: int | None = None) -> FilterReport:
+        """Apply one filter pass: ``results[uid] = (n, c)`` from the current policy, at training ``step``.
+
+        Status rule for each checked prompt, with rate = c / n and the band [lo, hi] at ``step``:
+        retired if its all-correct streak reached ``retire_after``; else active if lo <= rate <= hi;
+        else backlog if rate < lo or c == 0 (0 of n is never trainable); else easy. Then refills.
+        ``k`` (default: the smallest n) is the k of the logged pass@k.
+        """
+        lo, hi = self.band_at(step)
+        self.passes += 1
+        per_cap: dict[str, list[tuple[int, int]]] = {}
+        for uid, (n, c) in results.items():
+            if uid not in self.stats:
+                raise KeyError(f"filter_pass: prompt {uid!r} is not in the pool (check due_for_check())")
+            if not 0 <= c <= n or n < 1:
+                raise ValueError(f"filter_pass({uid!r}): need 0 <= c <= n and n >= 1, got n={n}, c={c}")
+            st = self.stats[uid]
+            st.checks += 1
+            st.last_n, st.last_c, st.last_check_step = n, c, step
+            self._record(st, n, c)
+            rate = c / n
+            if st.solved_streak >= self.settings.retire_after:
+                new: Status = "retired"
+            elif c > 0 and lo <= rate <= hi:
+                new = "active"
+            elif c == 0 or rate < lo:
+                new = "backlog"
+            else:
+                new = "easy"
+            if new == "backlog" and st.status != "backlog":
+                st.backlog_since_pass = self.passes
+            st.status = new
+            per_cap.setdefault(self.capability(uid), []).append((n, c))
+        report = FilterReport(step=step, band=(lo, hi), checked=len(results))
+        report.moved = dict(Counter(self.stats[u].status for u in results))
+        all_nc = [nc for v in per_cap.values() for nc in v]
+        if all_nc:
+            kk = k if k is not None else min(n for n, _ in all_nc)
+            for name, nc in [("all", all_nc), *sorted(per_cap.items())]:
+                prefix = "" if name == "all" else f"{name}/"
+                report.pass_at[f"{prefix}pass@1"] = sum(pass_at_k(n, c, 1) for n, c in nc) / len(nc)
+                report.pass_at[f"{prefix}pass@{kk}"] = sum(pass_at_k(n, c, min(kk, n)) for n, c in nc) / len(nc)
+        self.refill()
+        return report
+
+    # ---- dashboard and resume
+
+    def metrics(self, step: int, bins: int = 5) -> dict[str, float]:
+        """Counts per status and per capability, the band, and a histogram of known pass rates of
+        the trainable prompts (``pool/rate_hist/<lo>-<hi>``; unknown rates go to ``.../unknown``)."""
+        counts = Counter(st.status for st in self.stats.values())
+        out: dict[str, float] = {f"pool/{s}": float(counts.get(s, 0)) for s in ("new", "active", "easy", "backlog", "retired")}
+        out["pool/trainable"] = out["pool/new"] + out["pool/active"]
+        out["pool/drawn"] = float(self._cursor)
+        out["pool/unused"] = float(len(self._order) - self._cursor)
+        lo, hi = self.band_at(step)
+        out["pool/band_lo"], out["pool/band_hi"] = lo, hi
+        for cap, uids in sorted(self.trainable_by_capability().items()):
+            out[f"pool/trainable/{cap}"] = float(len(uids))
+        hist = [0] * bins
+        unknown = 0
+        for uid in self.uids(*TRAINABLE):
+            rate = self.stats[uid].rate
+            if rate is None:
+                unknown += 1
+            else:
+                hist[min(int(rate * bins), bins - 1)] += 1
+        for i, count in enumerate(hist):
+            out[f"pool/rate_hist/{i / bins:.1f}-{(i + 1) / bins:.1f}"] = float(count)
+        out["pool/rate_hist/unknown"] = float(unknown)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": _fingerprint(self.samples),
+            "settings": asdict(self.settings),
+            "order": list(self._order),
+            "cursor": self._cursor,
+            "passes": self.passes,
+            "stats": {u: asdict(st) for u, st in self.stats.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["fingerprint"] != _fingerprint(self.samples):
+            raise ValueError(
+                "PromptPool.load_state_dict: the saved pool was built from a different prompt set "
+                "(data source, num_train or seed changed since the run was saved); restore those settings "
+                "or start a new run"
+            )
+        self._order = list(state["order"])
+        self._cursor = int(state["cursor"])
+        self.passes = int(state["passes"])
+        self.stats = {u: PromptStats(**st) for u, st in state["stats"].items()}
+
+
+def _fingerprint(samples: Mapping[str, Sample]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for uid in sorted(samples):
+        h.update(uid.encode())
+        h.update(b"\0")
+        h.update(samples[uid].prompt.encode())
+        h.update(b"\0")
+    return f"{len(samples)}:{h.hexdigest()[:16]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Capability-stratified sampling
+
+
+class StratifiedSampler:
+    """Draws a batch of prompts with a fixed share per capability.
+
+    For a batch of ``size``, capability ``j`` gets ``floor(w_j * size)`` prompts (weights normalised
+    over the capabilities that have trainable prompts), and the leftover slots go to capabilities
+    drawn in proportion to the fractional parts, so every batch mixes capabilities as the weights say
+    and the long-run shares equal the weights exactly in expectation. A capability with too few
+    prompts gives its slots to the others. Prompts within a capability are drawn uniformly without
+    replacement. Unlisted capabilities get weight ``default_weight``.
+    """
+
+    def __init__(self, weights: Mapping[str, float] | None = None, seed: int = 0, default_weight: float = 1.0):
+        self.weights = dict(weights or {})
+        if any(w < 0 or not math.isfinite(w) for w in self.weights.values()):
+            raise ValueError(f"StratifiedSampler: capability weights must be finite and >= 0, got {self.weights}")
+        self.default_weight = default_weight
+        self.rng = random.Random(f"sampler:{seed}")
+
+    def quotas(self, available: Mapping[str, int], size: int) -> dict[str, int]:
+        caps = sorted(c for c, n in available.items() if n > 0 and self.weights.get(c, self.default_weight) > 0)
+        quota = dict.fromkeys(caps, 0)
+        remaining = min(size, sum(available[c] for c in caps))
+        while remaining > 0:
+            open_caps = [c for c in caps if quota[c] < available[c]]
+            total_w = sum(self.weights.get(c, self.default_weight) for c in open_caps)
+            exact = {c: remaining * self.weights.get(c, self.default_weight) / total_w for c in open_caps}
+            add = {c: min(int(exact[c]), available[c] - quota[c]) for c in open_caps}
+            if sum(add.values()) == 0:  # hand one slot out in proportion to the fractional parts
+                frac = [exact[c] - int(exact[c]) for c in open_caps]
+                pick = self.rng.choices(open_caps, weights=frac if sum(frac) > 0 else None)[0]
+                add = {pick: 1}
+            for c, a in add.items():
+                quota[c] += a
+                remaining -= a
+        return quota
+
+    def sample(self, by_capability: Mapping[str, Sequence[str]], size: int, exclude: Iterable[str] = ()) -> list[str]:
+        """Up to ``size`` distinct uids from ``by_capability`` (capability -> uids), none of ``exclude``."""
+        skip = set(exclude)
+        pools = {c: sorted(u for u in uids if u not in skip) for c, uids in by_capability.items()}
+        quota = self.quotas({c: len(u) for c, u in pools.items()}, size)
+        out: list[str] = []
+        for cap in sorted(quota):
+            out += self.rng.sample(pools[cap], quota[cap])
+        self.rng.shuffle(out)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"weights": dict(self.weights), "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+__all__ = [
+    "FilterReport",
+    "PoolSettings",
+    "PromptPool",
+    "PromptStats",
+    "StratifiedSampler",
+    "pass_at_k",
+]
