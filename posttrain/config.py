@@ -273,6 +273,44 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CodistillConfig:
+    """Codistillation: the loss becomes ``(1 − λ_t)·CE + λ_t·τ²·D(teacher_τ ‖ student_τ)``.
+
+    Targets come from ``teacher`` run online in the same step (no grad), or from ``targets``, a dir of
+    offline top-k targets (``python -m posttrain.teacher``; a distill stage writes it itself when the
+    dir is missing and ``teacher`` is set). λ_t: see ``posttrain.losses.codistill_loss``.
+    """
+
+    teacher: ModelConfig | None = None  # a trained teacher: name_or_path (+ tokenizer: null), or arch + config
+    targets: str | None = None  # offline top-k targets dir (Arrow); when set, training reads these
+    modes: tuple[Literal["fixed", "schedule", "teacher_confidence", "teacher_entropy"], ...] = ("fixed",)
+    lambda0: float = 0.5  # λ for "fixed", or the schedule's start; scales the per-token modes
+    lambda1: float = 0.5  # the schedule's end (reached at the stage's max_steps)
+    schedule: Literal["linear", "cosine"] = "linear"
+    temperature: float = 1.0
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = 0.5  # generalized JSD mixture weight, in (0, 1)
+    top_k: int = 0  # 0: full teacher logits (online); k >= 1: top-k + a tail bucket (offline needs k >= 1)
+
+    def check(self, path: str) -> None:
+        if self.teacher is None and self.targets is None:
+            raise ConfigError(f"'{path}' needs 'teacher' (online targets) or 'targets' (an offline targets dir)")
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            raise ConfigError(f"'{path}.modes' must list each mode at most once, got {list(self.modes)}")
+        if "fixed" in self.modes and "schedule" in self.modes:
+            raise ConfigError(f"'{path}.modes': 'fixed' and 'schedule' both set the base λ; keep one")
+        for key in ("lambda0", "lambda1"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"'{path}.{key}' must be in [0, 1], got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"'{path}.temperature' must be > 0, got {self.temperature}")
+        if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
+            raise ConfigError(f"'{path}.jsd_beta' must be in (0, 1) (0 is forward_kl, 1 is reverse_kl)")
+        if self.top_k < 0 or (self.targets is not None and self.teacher is not None and self.top_k < 1):
+            raise ConfigError(f"'{path}.top_k' must be >= 1 to write offline targets (0 = full logits, online only)")
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     type: Literal["sft"] = "sft"
     data: DataConfig = field(default_factory=DataConfig)
@@ -285,9 +323,33 @@ class SFTConfig:
     seq_len: int = 64  # row length when packing
     save_every: int = 100  # resume-state checkpoint interval (steps)
     data_filters: tuple[str, ...] = ()  # names in the data-filter registry, applied in order
+    codistill: CodistillConfig | None = None  # set: the loss becomes codistill_loss against this teacher
 
 
 STAGE_TYPES: dict[str, type] = {"sft": SFTConfig}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A distillation stage: the SFT loop with ``codistill_loss`` (online teacher or offline targets)."""
+
+    type: Literal["distill"] = "distill"
+    codistill: CodistillConfig = field(default_factory=CodistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
+    max_steps: int = 500
+    micro_batch_size: int = 64  # sequences per micro-batch per rank
+    grad_accum: int = 1
+    pack: bool = False  # True: pack several examples per row; False: length-grouped batches
+    seq_len: int = 64  # row length when packing
+    save_every: int = 100  # resume-state checkpoint interval (steps)
+
+    def check(self, path: str) -> None:
+        self.codistill.check(f"{path}.codistill")
+
+
+STAGE_TYPES["distill"] = DistillConfig
 
 
 # --------------------------------------------------------------------------------------------------
