@@ -1,25 +1,100 @@
 """Decorators that plugin authors use: ``@reward("name")`` and ``@data_filter("name")``.
 
-A reward is a plain batch function::
+A reward is a plain batch function, sync or async::
 
-    @reward("my_reward")
+    @reward("my_reward", doc="1.0 when the answer is right", timeout_s=10)
     def my_reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
         ...
 
-``columns`` holds the dataset's other columns (``answer``, ``capability``, ...), one list each.
-``None`` means "not applicable to this sample".
+``columns`` holds the dataset's other columns (``answer``, ``capability``, ...), one list each,
+plus the ``kwargs`` of the recipe's reward spec. ``None`` means "not applicable to this sample".
+``doc`` (default: the first line of the docstring) is what ``posttrain rewards`` lists;
+``timeout_s`` is used when the recipe leaves the spec's ``timeout_s`` at its default;
+``requires`` maps an optional module to the extra that installs it, checked before a run starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from posttrain.registry import DATA_FILTERS, REWARDS
 
+_INFO_ATTR = "__posttrain_reward__"
 
-def reward(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return REWARDS.register(name)
+
+class MissingDependencyError(ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    name: str
+    doc: str  # one line
+    timeout_s: float | None  # the reward's own default; None: the recipe's
+    is_async: bool
+    requires: tuple[tuple[str, str], ...] = ()  # (module, extra)
+
+
+def reward(
+    name: str | None = None,
+    *,
+    doc: str | None = None,
+    timeout_s: float | None = None,
+    requires: Mapping[str, str] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as reward ``name`` (default: the function's name) with its metadata."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        info = RewardInfo(
+            name=name or fn.__name__,
+            doc=doc or first_line(fn.__doc__),
+            timeout_s=timeout_s,
+            is_async=inspect.iscoroutinefunction(fn),
+            requires=tuple((requires or {}).items()),
+        )
+        setattr(fn, _INFO_ATTR, info)
+        return REWARDS.register(info.name)(fn)
+
+    return deco
+
+
+def reward_info(fn: Callable[..., Any], name: str) -> RewardInfo:
+    """The decorator's metadata, or metadata derived from a plain function (entry point, import path)."""
+    info = getattr(fn, _INFO_ATTR, None)
+    if isinstance(info, RewardInfo):
+        return info
+    return RewardInfo(
+        name=name, doc=first_line(fn.__doc__), timeout_s=None, is_async=inspect.iscoroutinefunction(fn)
+    )
+
+
+def first_line(doc: str | None) -> str:
+    return inspect.cleandoc(doc).splitlines()[0] if doc and doc.strip() else ""
+
+
+def missing_requirements(info: RewardInfo) -> list[str]:
+    """One message per optional module of ``info`` that is not installed."""
+    return [
+        f"reward {info.name!r} needs the {module!r} package: pip install 'posttrain[{extra}]'"
+        for module, extra in info.requires
+        if importlib.util.find_spec(module) is None
+    ]
+
+
+def require(module: str, extra: str, user: str) -> ModuleType:
+    """Import optional ``module`` for ``user``, or raise an error naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{user} needs the {module!r} package ({e}): pip install 'posttrain[{extra}]'"
+        ) from None
 
 
 def data_filter(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

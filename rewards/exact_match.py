@@ -6,7 +6,9 @@ from posttrain.plugins import reward
 
 
 @reward("exact_match")
-def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: object) -> list[float | None]:
+def exact_match(
+    prompts: list[str], completions: list[str], answer: list[str], **_: object
+) -> list[float | None]:
     """1.0 when the completion, stripped of surrounding whitespace, equals the answer; else 0.0.
 
     >>> exact_match(["1+1=", "2+2="], ["2", " 5"], answer=["2", "4"])

@@ -1,0 +1,306 @@
+"""Score completions with the recipe's weighted rewards, isolating rewards that misbehave.
+
+    >>> from posttrain.config import RewardsConfig, RewardSpec
+    >>> runner = RewardRunner(RewardsConfig(specs=(RewardSpec("exact_match", weight=2.0),)))
+    >>> totals, metrics = runner.score(["1+1="], ["2"], {"answer": ["2"]})
+    >>> totals, metrics["reward/exact_match/mean"]
+    ([2.0], 1.0)
+
+The total of a sample is ``sum(weight * value)`` over the rewards that apply to it (``None``
+values are left out). It is ``None`` when no reward applies, or when any reward *failed* on it:
+raised, ran past its timeout, returned NaN/inf or a non-number, or returned a list of the wrong
+length. A failure is isolated to the samples it affects: when a batch call raises, times out or
+returns the wrong length, each sample is retried on its own (one after another, all within one
+more ``timeout_s``), so only the samples that fail alone lose their score. Failures are counted
+in the metrics (``reward/<name>/errors``, ``/timeouts``, ``/nan``, ``/wrong_length``) and the run
+goes on, unless the recipe sets ``rewards.strict``, which raises ``RewardFailure`` instead.
+
+Rewards run one after another, each in a daemon worker thread so that a hung reward can be left
+behind (Python cannot kill a thread; a reward that must be killed should run its work in a
+subprocess, as ``code_exec`` and ``math_verify`` do). ``timeout_s <= 0`` runs the reward in the
+calling thread with no timeout (for code that needs the main thread, e.g. ``signal.alarm``).
+Async rewards run on their own event loop in that thread and are cancelled at the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from posttrain.config import RewardsConfig, RewardSpec
+from posttrain.plugins import MissingDependencyError, RewardInfo, missing_requirements, reward_info
+from posttrain.registry import REWARDS
+
+Status = Literal["ok", "none", "error", "timeout", "nan", "wrong_length"]
+FAILURES: tuple[Status, ...] = ("error", "timeout", "nan", "wrong_length")
+_METRIC_OF: dict[Status, str] = {
+    "error": "errors",
+    "timeout": "timeouts",
+    "nan": "nan",
+    "wrong_length": "wrong_length",
+    "none": "not_applicable",
+}
+_SPEC_DEFAULT_TIMEOUT: float = next(
+    f.default for f in dataclasses.fields(RewardSpec) if f.name == "timeout_s"
+)  # type: ignore[assignment]
+
+
+class RewardFailure(RuntimeError):
+    """A reward failed and the recipe asked for ``rewards.strict``."""
+
+
+@dataclass
+class RewardOutcome:
+    """One reward on one batch."""
+
+    name: str
+    weight: float
+    values: list[float | None]  # [B] None: not applicable or failed
+    status: list[Status]  # [B]
+    messages: list[str]  # [B] why a sample failed ("" when it did not)
+    seconds: float  # wall time of the batch call (plus retries)
+
+
+@dataclass
+class ScoreReport:
+    totals: list[float | None]  # [B]
+    outcomes: list[RewardOutcome]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Bound:
+    label: str  # the metric name: spec name, "fn" for "pkg.mod:fn", "_2" suffix for repeats
+    spec: RewardSpec
+    fn: Callable[..., Any]
+    info: RewardInfo
+    timeout_s: float
+
+
+class _Timeout(Exception):
+    pass
+
+
+class RewardRunner:
+    def __init__(self, cfg: RewardsConfig):
+        self.strict = cfg.strict
+        self.rewards: list[_Bound] = []
+        missing: list[str] = []
+        seen: dict[str, int] = {}
+        for spec in cfg.specs:
+            fn = REWARDS.get(spec.name)
+            if not callable(fn):
+                raise TypeError(f"reward {spec.name!r} resolved to {fn!r}, which is not callable")
+            base = spec.name.rsplit(":", 1)[-1]
+            seen[base] = seen.get(base, 0) + 1
+            label = base if seen[base] == 1 else f"{base}_{seen[base]}"
+            info = reward_info(fn, base)
+            timeout = spec.timeout_s
+            if spec.timeout_s == _SPEC_DEFAULT_TIMEOUT and info.timeout_s is not None:
+                timeout = info.timeout_s  # the recipe left it at the default: the reward's own
+            self.rewards.append(_Bound(label, spec, fn, info, timeout))
+            missing += missing_requirements(info)
+        if missing:
+            raise MissingDependencyError("; ".join(missing))
+
+    def score(
+        self, prompts: list[str], completions: list[str], columns: Mapping[str, Sequence[Any]]
+    ) -> tuple[list[float | None], dict[str, float]]:
+        """Weighted totals ``[B]`` (``None``: no reward applies, or one failed) and metrics."""
+        report = self.score_detailed(prompts, completions, columns)
+        return report.totals, report.metrics
+
+    def score_detailed(
+        self, prompts: list[str], completions: list[str], columns: Mapping[str, Sequence[Any]]
+    ) -> ScoreReport:
+        n = len(prompts)
+        if len(completions) != n:
+            raise ValueError(
+                f"rewards: {len(completions)} completions for {n} prompts; pass one completion per prompt"
+            )
+        for key, col in columns.items():
+            if len(col) != n:
+                raise ValueError(
+                    f"rewards: column {key!r} has {len(col)} values for {n} samples; give one per sample"
+                )
+        outcomes = [self._run_one(r, prompts, completions, columns) for r in self.rewards]
+        totals: list[float | None] = []
+        for i in range(n):
+            if any(o.status[i] in FAILURES for o in outcomes):
+                totals.append(None)
+                continue
+            parts = [o.weight * v for o in outcomes if (v := o.values[i]) is not None]
+            totals.append(math.fsum(parts) if parts else None)
+        return ScoreReport(totals, outcomes, _metrics(outcomes, totals))
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _run_one(
+        self, r: _Bound, prompts: list[str], completions: list[str], columns: Mapping[str, Sequence[Any]]
+    ) -> RewardOutcome:
+        clash = set(columns) & set(r.spec.kwargs)
+        if clash:
+            raise ValueError(
+                f"reward {r.label!r}: kwargs {sorted(clash)} clash with dataset columns of the same name; rename one"
+            )
+        n = len(prompts)
+        start = time.perf_counter()
+        outcome = RewardOutcome(r.label, r.spec.weight, [None] * n, ["none"] * n, [""] * n, 0.0)
+        try:
+            result = _call(r, prompts, completions, dict(columns), r.timeout_s)
+            failure: tuple[Status, str] | None = None
+            if not _is_sequence(result) or len(result) != n:
+                failure = ("wrong_length", f"returned {_describe(result)} for {n} samples")
+        except _Timeout:
+            failure = ("timeout", f"no result within {r.timeout_s:g} s")
+        except MissingDependencyError:
+            raise
+        except Exception as e:
+            failure = ("error", f"{type(e).__name__}: {e}")
+            if self.strict:
+                raise RewardFailure(f"reward {r.label!r} raised on a batch of {n}: {failure[1]}") from e
+        if failure is None:
+            for i, value in enumerate(result):
+                _set(outcome, i, value)
+        elif self.strict:
+            raise RewardFailure(f"reward {r.label!r} failed on a batch of {n} ({failure[0]}): {failure[1]}")
+        elif n == 1:
+            outcome.status[0], outcome.messages[0] = failure
+        else:
+            self._retry_each(r, prompts, completions, columns, outcome)
+        outcome.seconds = time.perf_counter() - start
+        if self.strict:
+            bad = [i for i, s in enumerate(outcome.status) if s in FAILURES]
+            if bad:
+                i = bad[0]
+                raise RewardFailure(
+                    f"reward {r.label!r} failed on sample {i} ({outcome.status[i]}): {outcome.messages[i]}; "
+                    "set rewards.strict=false to isolate failures and go on"
+                )
+        return outcome
+
+    def _retry_each(
+        self,
+        r: _Bound,
+        prompts: list[str],
+        completions: list[str],
+        columns: Mapping[str, Sequence[Any]],
+        outcome: RewardOutcome,
+    ) -> None:
+        """Score samples one at a time within one more ``timeout_s`` to find the ones that fail."""
+        deadline = time.monotonic() + r.timeout_s if r.timeout_s > 0 else math.inf
+        for i in range(len(prompts)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                outcome.status[i], outcome.messages[i] = "timeout", "batch retry ran out of time"
+                continue
+            one = {k: [v[i]] for k, v in columns.items()}
+            try:
+                result = _call(r, [prompts[i]], [completions[i]], one, left if r.timeout_s > 0 else 0)
+            except _Timeout:
+                outcome.status[i], outcome.messages[i] = "timeout", f"no result within {r.timeout_s:g} s"
+                continue
+            except MissingDependencyError:
+                raise
+            except Exception as e:
+                outcome.status[i], outcome.messages[i] = "error", f"{type(e).__name__}: {e}"
+                continue
+            if not _is_sequence(result) or len(result) != 1:
+                outcome.status[i], outcome.messages[i] = (
+                    "wrong_length",
+                    f"returned {_describe(result)} for 1 sample",
+                )
+            else:
+                _set(outcome, i, result[0])
+
+
+def _call(
+    r: _Bound, prompts: list[str], completions: list[str], columns: dict[str, Any], timeout_s: float
+) -> Any:
+    """``r.fn(prompts, completions, **columns, **kwargs)``, within ``timeout_s`` (<= 0: no limit)."""
+    kwargs = {**columns, **r.spec.kwargs}
+
+    def invoke() -> Any:
+        result = r.fn(prompts, completions, **kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_bounded(result, timeout_s))
+        return result
+
+    if timeout_s <= 0:
+        return invoke()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = invoke()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=f"reward-{r.label}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise _Timeout
+    if "error" in box:
+        if isinstance(box["error"], TimeoutError) and r.info.is_async:
+            raise _Timeout
+        raise box["error"]
+    return box["value"]
+
+
+async def _bounded(awaitable: Any, timeout_s: float) -> Any:
+    if timeout_s <= 0:
+        return await awaitable
+    return await asyncio.wait_for(awaitable, timeout_s)
+
+
+def _is_sequence(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) or (
+        hasattr(x, "__len__") and hasattr(x, "__getitem__") and not isinstance(x, (str, bytes, dict))
+    )
+
+
+def _describe(x: Any) -> str:
+    return f"{len(x)} values" if _is_sequence(x) else f"a {type(x).__name__}"
+
+
+def _set(outcome: RewardOutcome, i: int, value: Any) -> None:
+    if value is None:
+        return  # status stays "none"
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        outcome.status[i], outcome.messages[i] = "error", f"returned {value!r}, not a number or None"
+        return
+    if not math.isfinite(v):
+        outcome.status[i], outcome.messages[i] = "nan", f"returned {v}"
+        return
+    outcome.values[i], outcome.status[i] = v, "ok"
+
+
+def _metrics(outcomes: list[RewardOutcome], totals: list[float | None]) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for o in outcomes:
+        ok = [v for v, s in zip(o.values, o.status, strict=True) if s == "ok" and v is not None]
+        if ok:
+            m[f"reward/{o.name}/mean"] = statistics.fmean(ok)
+            m[f"reward/{o.name}/std"] = statistics.pstdev(ok)
+        for status, key in _METRIC_OF.items():
+            m[f"reward/{o.name}/{key}"] = float(sum(s == status for s in o.status))
+        m[f"reward/{o.name}/seconds"] = o.seconds
+    scored = [t for t in totals if t is not None]
+    if scored:
+        m["reward/total/mean"] = statistics.fmean(scored)
+    n_failed = sum(any(o.status[i] in FAILURES for o in outcomes) for i in range(len(totals)))
+    m["reward/failed_samples"] = float(n_failed)
+    return m

@@ -1,0 +1,328 @@
+"""Run untrusted Python (model-written code) in a throwaway, locked-down process.
+
+    >>> run_python("print(6 * 7)").stdout
+    '42\\n'
+    >>> run_python("while True: pass", SandboxLimits(timeout_s=0.5)).status
+    'timeout'
+
+Every call gets a fresh temporary working directory (deleted afterwards) and a new process
+session with wall-clock, CPU, memory, file-size and process-count limits. On timeout the whole
+process tree is killed. Two isolation modes (see ``posttrain/sandbox_child.py`` for the details):
+
+- ``namespaces`` (root on Linux; what ``auto`` picks when it works): no network (an empty network
+  namespace), a read-only view of the filesystem with /tmp and friends replaced by empty tmpfs
+  mounts, only the working directory writable, a private PID namespace (killing its PID 1 kills
+  every process the program started, daemons included), and an unprivileged uid without
+  capabilities, so files readable only by their owner stay unreadable.
+- ``audit`` (the fallback elsewhere): rlimits plus a Python audit hook that refuses sockets,
+  process creation, signals, ctypes and file access outside the working directory. It is enforced
+  by the interpreter, not the kernel, so treat it as a guard against accidents, not attacks.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import site
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+Isolation = Literal["auto", "namespaces", "audit"]
+_CHILD = str(Path(__file__).with_name("sandbox_child.py"))
+_SETUP_FAILED = 125
+_SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be set up (never raised for what the program does)."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    timeout_s: float = 10.0  # wall clock for the whole process tree
+    cpu_s: int = 10  # CPU seconds per process (RLIMIT_CPU)
+    memory_mb: int = 512  # address space per process (RLIMIT_AS)
+    max_procs: int = 16  # processes + threads of the sandbox user (namespaces mode; audit mode allows 1)
+    max_file_mb: int = 16  # largest file the program may write, stdout and stderr included
+    max_files: int = 64  # files the program may create (audit mode; namespaces mode caps disk_mb)
+    disk_mb: int = 64  # the working directory's size (a tmpfs in namespaces mode)
+    tmpfs_mb: int = 8  # size of each scratch tmpfs (/tmp, /var/tmp, ...) in namespaces mode
+    max_output_bytes: int = 64 * 1024  # how much of stdout / stderr comes back
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    status: Literal["ok", "error", "timeout"]  # ok: exit 0; timeout: wall clock or CPU limit
+    returncode: int | None  # exit code, -N if killed by signal N, None if the host killed it
+    stdout: str  # first max_output_bytes, decoded with replacement
+    stderr: str
+    wall_s: float
+    isolation: Literal["namespaces", "audit"]
+
+
+def run_python(
+    code: str,
+    limits: SandboxLimits = SandboxLimits(),
+    files: Mapping[str, str] | None = None,
+    isolation: Isolation = "auto",
+) -> SandboxResult:
+    """Run ``code`` as ``__main__`` in a fresh sandbox; ``files`` are written next to it first."""
+    mode = resolve_isolation(isolation)
+    root = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    try:
+        return _run_in(Path(root), code, limits, files or {}, mode)
+    finally:
+        _remove_tree(root)
+
+
+def resolve_isolation(isolation: Isolation) -> Literal["namespaces", "audit"]:
+    if isolation != "auto":
+        return isolation
+    if sys.platform.startswith("linux") and os.geteuid() == 0 and _namespaces_work():
+        return "namespaces"
+    return "audit"
+
+
+@functools.cache
+def _namespaces_work() -> bool:
+    """Probe once per process whether namespaces mode can be set up here (containers often forbid it)."""
+    try:
+        result = run_python("pass", SandboxLimits(timeout_s=20), isolation="namespaces")
+    except SandboxError as e:
+        log.warning("sandbox: namespaces isolation unavailable (%s); falling back to 'audit' mode", e)
+        return False
+    return result.status == "ok"
+
+
+def _run_in(
+    root: Path, code: str, limits: SandboxLimits, files: Mapping[str, str], mode: str
+) -> SandboxResult:
+    os.chmod(root, 0o711)  # the sandbox user may pass through, not list
+    work = root / "work"
+    work.mkdir(mode=0o700)
+    for name, text in {**files, "main.py": code}.items():
+        target = (work / name).resolve()
+        if work.resolve() not in target.parents:
+            raise ValueError(f"sandbox file name {name!r} must stay inside the working directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    uid = secrets.randbelow(1_000_000_000) + 1_000_000  # one fresh uid per run: its own process count
+    report_r, report_w = os.pipe()
+    cfg = {
+        "mode": mode,
+        "workdir": str(work),
+        "program": "main.py",
+        "uid": uid,
+        "limits": {
+            "cpu_s": limits.cpu_s,
+            "memory_mb": limits.memory_mb,
+            "max_procs": limits.max_procs,
+            "max_file_mb": limits.max_file_mb,
+            "max_files": limits.max_files,
+            "disk_mb": limits.disk_mb,
+        },
+        "tmpfs_mb": limits.tmpfs_mb,
+        "env": _program_env(work, mode),
+        "site_packages": _site_packages(),
+        "report_fd": report_w,
+        **_filesystem_plan(),
+    }
+    with open(root / "stdout", "w+b") as out, open(root / "stderr", "w+b") as err:
+        start = time.perf_counter()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", _CHILD, json.dumps(cfg)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                pass_fds=(report_w,),
+                start_new_session=True,
+                cwd=work,
+                env=_program_env(work, mode),
+            )
+        finally:
+            os.close(report_w)
+        timed_out = False
+        try:
+            proc.wait(timeout=limits.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _kill_group(proc.pid)  # safe: the leader is not reaped yet, so its pgid is still ours
+            proc.wait()
+        wall = time.perf_counter() - start
+        if timed_out and mode == "namespaces":
+            _wait_until_gone(uid)
+        report = _read_all(report_r)
+        stdout, stderr = _head(out, limits.max_output_bytes), _head(err, limits.max_output_bytes)
+    return _result(report, proc.returncode, timed_out, stdout, stderr, wall, mode)
+
+
+def _result(
+    report: str, returncode: int, timed_out: bool, stdout: str, stderr: str, wall: float, mode: str
+) -> SandboxResult:
+    lines = report.split()
+    if "ready" not in lines and not timed_out:
+        raise SandboxError(f"sandbox setup failed ({mode} mode, exit {returncode}): {stderr.strip()[-2000:]}")
+    status: Literal["ok", "error", "timeout"]
+    code: int | None
+    if timed_out:
+        status, code = "timeout", None
+    else:
+        if mode == "namespaces":  # the program's status comes from PID 1 through the report pipe
+            if len(lines) < 3:
+                raise SandboxError(
+                    f"sandbox lost the program's status (exit {returncode}): {stderr.strip()[-2000:]}"
+                )
+            kind, value = lines[-2], int(lines[-1])
+            code = -value if kind == "signal" else value
+        else:
+            code = returncode
+        cpu_exceeded = code in (-signal.SIGXCPU, -signal.SIGKILL)
+        status = "ok" if code == 0 else "timeout" if cpu_exceeded else "error"
+    return SandboxResult(status, code, stdout, stderr, wall, mode)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _program_env(work: Path, mode: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work),
+        "TMPDIR": "/tmp" if mode == "namespaces" else str(work),
+        "LANG": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def _site_packages() -> list[str]:
+    return [p for p in site.getsitepackages() if os.path.isdir(p)]
+
+
+def _python_dirs() -> list[str]:
+    dirs = {sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix, *_site_packages()}
+    return _outermost(os.path.realpath(d) for d in dirs if os.path.isdir(d))
+
+
+def _outermost(paths: object) -> list[str]:
+    """Drop paths inside another path of the list."""
+    out: list[str] = []
+    for p in sorted(set(paths)):  # type: ignore[call-overload]
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
+            out.append(p)
+    return out
+
+
+def _filesystem_plan() -> dict[str, list[tuple[str, object]]]:
+    """Which directories to cover with an empty tmpfs (namespaces mode), and which to bind back.
+
+    Scratch directories are covered (the host's temporary files stay invisible), and so is the
+    outermost ancestor of the interpreter that others cannot traverse (e.g. /root for a pyenv
+    Python); the interpreter's directories are then bound back read-only. In audit mode
+    ``reveal`` is the list of directories the program may read besides its working directory.
+    """
+    cover: dict[str, str] = {}
+    for d in (*_SCRATCH_DIRS, tempfile.gettempdir()):
+        real = os.path.realpath(d)
+        if os.path.isdir(real) and real != "/":
+            cover[real] = "1777"
+    python = _python_dirs()
+    for d in python:
+        parts = Path(d).parts
+        for i in range(2, len(parts) + 1):
+            ancestor = str(Path(*parts[:i]))
+            if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                cover.setdefault(ancestor, "755")
+                break
+    covers = sorted(_outermost(cover), key=len)
+    return {"cover": [(c, cover[c]) for c in covers], "reveal": python}  # type: ignore[dict-item]
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError as e:
+        raise SandboxError(f"cannot kill sandbox process group {pgid}: {e}") from None
+
+
+def _wait_until_gone(uid: int, timeout_s: float = 5.0) -> None:
+    """After killing PID 1 of the namespace the kernel reaps the rest; wait until it has."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _pids_of_uid(uid):
+            return
+        time.sleep(0.01)
+    raise SandboxError(f"sandbox processes of uid {uid} survived the kill: {_pids_of_uid(uid)}")
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    pids.append(int(entry.name))
+            except FileNotFoundError:
+                continue
+    return pids
+
+
+def _read_all(fd: int) -> str:
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _head(f: object, n: int) -> str:
+    f.seek(0)  # type: ignore[attr-defined]
+    return f.read(n).decode(errors="replace")  # type: ignore[attr-defined,no-any-return]
+
+
+def _remove_tree(path: str) -> None:
+    def make_writable(func: object, p: str, _exc: object) -> None:
+        parent = os.path.dirname(p)
+        os.chmod(parent, 0o700)
+        if os.path.isdir(p) and not os.path.islink(p):
+            os.chmod(p, 0o700)
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+
+    for _attempt in range(3):
+        try:
+            shutil.rmtree(path, onerror=make_writable)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            time.sleep(0.05)
+    shutil.rmtree(path)

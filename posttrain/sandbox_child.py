@@ -1,0 +1,336 @@
+"""The process that ``posttrain.sandbox`` starts: it locks itself down, then runs the program.
+
+Run as ``python -I sandbox_child.py CONFIG_JSON`` (stdlib only; it never imports posttrain).
+The host reads one line per event from the report pipe: ``ready`` once isolation is in place,
+then ``exit N`` or ``signal N`` for the program. Anything else (or nothing) means setup failed,
+and the reason is on stderr.
+
+Two isolation modes:
+
+``namespaces`` (root on Linux)
+    unshare network, mount and PID namespaces; remount every mount read-only; cover the
+    scratch directories (/tmp, ...) and directories the sandbox user cannot traverse with empty
+    tmpfs mounts; bind back the working directory (read-write) and the interpreter's directories
+    (read-only); fork a PID-1 reaper that mounts a fresh /proc; fork the program, which drops to
+    an unprivileged uid with no capabilities (``PR_SET_NO_NEW_PRIVS``) and rlimits. When PID 1
+    exits the kernel kills everything left in the namespace.
+
+``audit`` (anyone)
+    rlimits plus a Python audit hook that refuses sockets, process creation, signals, ctypes,
+    and file access outside the working directory (reads of the interpreter's own files allowed).
+    This is weaker: it is enforced inside the interpreter, not by the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import traceback
+import types
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+_OPT_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = [None if s is None else s.encode() for s in (source, target, fstype, data)]
+    _check(_libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]), f"mount {target}")
+
+
+def _mounts() -> list[tuple[str, int]]:
+    """(mount point, flags to keep) for every mount, parents before children."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[4].encode().decode("unicode_escape")
+            keep = 0
+            for opt in fields[5].split(","):
+                keep |= _OPT_FLAGS.get(opt, 0)
+            out.append((point, keep))
+    return out
+
+
+def _send(fd: int, msg: str) -> None:
+    os.write(fd, (msg + "\n").encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# namespaces mode
+
+
+def _read_inputs(workdir: str) -> dict[str, bytes]:
+    inputs = {}
+    for dirpath, _dirs, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                inputs[os.path.relpath(path, workdir)] = f.read()
+    return inputs
+
+
+def _lock_down_filesystem(cfg: dict) -> None:
+    """Everything read-only; scratch dirs empty tmpfs; the working directory a fresh, sized tmpfs."""
+    workdir, uid = cfg["workdir"], cfg["uid"]
+    inputs = _read_inputs(workdir)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in cfg["reveal"]}
+    for point, keep in _mounts():
+        if os.path.isdir(point) or os.path.isfile(point):
+            _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
+    for path, mode in cfg["cover"]:
+        os.makedirs(path, exist_ok=True)
+        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_mb']}m,mode={mode}")
+    for path in cfg["reveal"]:  # the interpreter's directories, read-only
+        os.makedirs(path, exist_ok=True)
+        _mount(f"/proc/self/fd/{fds[path]}", path, None, MS_BIND)
+        _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(fds[path])
+    os.makedirs(workdir, exist_ok=True)
+    size = cfg["limits"]["disk_mb"]
+    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=700,uid={uid},gid={uid}")
+    for rel, data in inputs.items():
+        path = os.path.join(workdir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    for dirpath, dirs, names in os.walk(workdir):
+        for name in dirs + names:
+            os.chown(os.path.join(dirpath, name), uid, uid)
+
+
+def _status_of(wait_status: int) -> str:
+    if os.WIFSIGNALED(wait_status):
+        return f"signal {os.WTERMSIG(wait_status)}"
+    return f"exit {os.WEXITSTATUS(wait_status)}"
+
+
+def _namespaces(cfg: dict, report: int) -> int:
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare")
+    _lock_down_filesystem(cfg)
+    init = os.fork()  # PID 1 of the new PID namespace
+    if init == 0:
+        os._exit(_init(cfg, report))
+    _, wait_status = os.waitpid(init, 0)
+    return 0 if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0 else 125
+
+
+def _init(cfg: dict, report: int) -> int:
+    """PID 1: mount /proc, start the program, reap orphans until the program is done."""
+    try:
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        child = os.fork()
+        if child == 0:
+            try:
+                _drop_privileges(cfg["uid"])
+                _set_limits(cfg["limits"], nproc=True)
+                _send(report, "ready")
+                os.close(report)
+            except BaseException as e:
+                print(f"posttrain sandbox: setup failed: {e!r}", file=sys.stderr)
+                os._exit(125)
+            _run_program(cfg)
+        while True:
+            pid, wait_status = os.wait()
+            if pid == child:
+                _send(report, _status_of(wait_status))
+                return 0
+    except BaseException as e:
+        print(f"posttrain sandbox: setup failed: {e!r}", file=sys.stderr)
+        return 125
+
+
+def _drop_privileges(uid: int) -> None:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
+
+
+# --------------------------------------------------------------------------------------------------
+# shared
+
+
+def _set_limits(limits: dict, nproc: bool) -> None:
+    def cap(which: int, value: int) -> None:
+        resource.setrlimit(which, (value, value))
+
+    cpu = limits["cpu_s"]
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL a second later
+    cap(resource.RLIMIT_AS, limits["memory_mb"] << 20)
+    cap(resource.RLIMIT_FSIZE, limits["max_file_mb"] << 20)
+    cap(resource.RLIMIT_NOFILE, 256)
+    cap(resource.RLIMIT_CORE, 0)
+    if nproc:
+        cap(resource.RLIMIT_NPROC, limits["max_procs"])
+
+
+def _run_program(cfg: dict) -> None:
+    """Run the program as ``__main__``; never returns."""
+    os.chdir(cfg["workdir"])
+    os.environ.clear()
+    os.environ.update(cfg["env"])
+    sys.argv = [cfg["program"]]
+    sys.path[:] = [cfg["workdir"], *sys.path, *cfg["site_packages"]]
+    main = types.ModuleType("__main__")
+    main.__file__ = os.path.join(cfg["workdir"], cfg["program"])
+    sys.modules["__main__"] = main
+    code = 0
+    try:
+        with open(cfg["program"], encoding="utf-8") as f:
+            source = f.read()
+        if cfg["mode"] == "audit":
+            _install_audit_hook(cfg)
+        exec(compile(source, main.__file__, "exec"), main.__dict__)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code & 0xFF)
+
+
+# --------------------------------------------------------------------------------------------------
+# audit mode
+
+_DENIED_EVENTS = (
+    "socket.",
+    "os.fork",
+    "os.forkpty",
+    "os.posix_spawn",
+    "os.exec",
+    "os.spawn",
+    "os.system",
+    "subprocess.Popen",
+    "os.kill",
+    "os.killpg",
+    "signal.pthread_kill",
+    "ctypes.",
+    "os.setuid",
+    "pty.",
+)
+_PATH_EVENTS = {  # event -> argument positions that are paths
+    "os.remove": (0,),
+    "os.rename": (0, 1),
+    "os.rmdir": (0,),
+    "os.mkdir": (0,),
+    "os.chmod": (0,),
+    "os.chown": (0,),
+    "os.truncate": (0,),
+    "os.link": (0, 1),
+    "os.symlink": (0, 1),
+    "os.utime": (0,),
+    "os.chflags": (0,),
+    "os.mkfifo": (0,),
+    "os.mknod": (0,),
+    "shutil.rmtree": (0,),
+}
+_LISTING_EVENTS = ("os.listdir", "os.scandir", "glob.glob")
+
+
+def _install_audit_hook(cfg: dict) -> None:
+    workdir = os.path.realpath(cfg["workdir"])
+    readable = tuple(os.path.realpath(p) for p in cfg["reveal"]) + ("/dev/urandom", "/dev/null")
+    created = [0]
+
+    def inside(path: object, roots: tuple[str, ...]) -> bool:
+        if isinstance(path, int):
+            return True  # an already-open descriptor
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        real = os.path.realpath(str(path))
+        return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
+
+    def hook(event: str, args: tuple) -> None:
+        if event.startswith(_DENIED_EVENTS) or (event == "import" and args[0] in ("ctypes", "_ctypes")):
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "open":
+            path, _mode, flags = args
+            if path is None:
+                return
+            writes = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+            roots = (workdir,) if writes else (workdir, *readable)
+            if not inside(path, roots):
+                raise PermissionError(f"sandbox: access to {path!r} outside the working directory")
+            if flags & os.O_CREAT:
+                created[0] += 1
+                if created[0] > cfg["limits"]["max_files"]:
+                    raise PermissionError("sandbox: too many files created")
+        elif event in _LISTING_EVENTS:
+            if args and args[0] is not None and not inside(args[0], (workdir, *readable)):
+                raise PermissionError(f"sandbox: listing {args[0]!r} outside the working directory")
+        elif event in _PATH_EVENTS:
+            for i in _PATH_EVENTS[event]:
+                if i < len(args) and not inside(args[i], (workdir,)):
+                    raise PermissionError(f"sandbox: {event} on {args[i]!r} outside the working directory")
+
+    sys.addaudithook(hook)
+
+
+def _audit(cfg: dict, report: int) -> int:
+    """The program runs in this process; the host reads its status from the exit code."""
+    _set_limits(cfg["limits"], nproc=False)
+    _send(report, "ready")
+    os.close(report)
+    _run_program(cfg)
+    return 0  # not reached: _run_program exits
+
+
+def main() -> int:
+    cfg = json.loads(sys.argv[1])
+    report = cfg["report_fd"]
+    try:
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")  # host gone -> die
+        if cfg["mode"] == "namespaces":
+            return _namespaces(cfg, report)
+        return _audit(cfg, report)
+    except Exception as e:
+        print(f"posttrain sandbox: setup failed: {e!r}", file=sys.stderr)
+        return 125
+
+
+if __name__ == "__main__":
+    sys.exit(main())
