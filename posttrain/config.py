@@ -261,11 +261,61 @@ class RewardsConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 0  # 0: only at the end of the stage
-    num_prompts: int = 200  # per capability, from the held-out split
+    """The held-out set every stage is measured on (one row per stage in the final table)."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # its eval split (tiny: num_eval per capability)
+    reward: str = "exact_match"  # a sample counts as solved when this reward is 1.0
     max_new_tokens: int = 16
     sampled: bool = True  # also measure sampled pass@1 at temperature 1
     batch_size: int = 256
+    include_base: bool = True  # also evaluate the recipe's starting model
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a rollout engine samples: ``n`` completions per prompt. ``temperature: 0`` is greedy."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()  # stop strings (not included in the text); EOS always stops
+    seed: int | None = None  # None: the engine's own random stream
+
+    def check(self, path: str) -> None:
+        if self.n < 1:
+            raise ConfigError(f"'{path}.n' must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ConfigError(f"'{path}.temperature' must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"'{path}.top_p' must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ConfigError(f"'{path}.max_tokens' must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The rollout engine. vLLM is the default; ``hf`` (transformers ``generate``) is opt-in only."""
+
+    kind: Literal["vllm", "hf"] = "vllm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, checkpoint's on GPU
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enforce_eager: bool = True  # no torch.compile / CUDA graphs (fast start; the only mode tested on CPU)
+    gpu_memory_utilization: float = 0.3  # GPU: share of GPU memory for vLLM when colocated with training
+    kv_cache_space_gib: int = 1  # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    sleep_during_training: bool = True  # GPU: free vLLM's memory between rollouts (no-op on CPU)
+    hf_batch_size: int = 256  # kind=hf: sequences per generate() call
+    extra: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) keyword arguments (vLLM's names)
+
+    def check(self, path: str) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"'{path}.gpu_memory_utilization' must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_space_gib < 1:
+            raise ConfigError(f"'{path}.kv_cache_space_gib' must be >= 1, got {self.kv_cache_space_gib}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"'{path}.max_model_len' must be >= 2 or null, got {self.max_model_len}")
+        if self.hf_batch_size < 1:
+            raise ConfigError(f"'{path}.hf_batch_size' must be >= 1, got {self.hf_batch_size}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +365,7 @@ class SFTConfig:
     type: Literal["sft"] = "sft"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
     max_steps: int = 500
     micro_batch_size: int = 64  # sequences per micro-batch per rank
     grad_accum: int = 1
@@ -365,6 +415,7 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stages: dict[str, Any] = field(default_factory=dict)  # ordered: name -> stage config
 
 

@@ -12,7 +12,6 @@ vLLM's CPU attention needs head_dim >= 32, so tiny configs keep hidden_size / nu
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +52,15 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     source = cfg.tokenizer or cfg.name_or_path
     if source is None:
         raise ConfigError("model.tokenizer is null and model.name_or_path is not set; name a tokenizer")
-    _check_local_path(source, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    check_model_path(source, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     return AutoTokenizer.from_pretrained(source)
 
 
-def _check_local_path(source: str, key: str) -> None:
-    looks_local = source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]
-    if looks_local and not Path(source).expanduser().exists():
-        raise ConfigError(f"{key}: model dir '{source}' does not exist; point it at a saved HF model dir")
+def check_model_path(source: str, key: str) -> None:
+    """A local-looking path (``/``, ``.``, ``~`` or several ``/``) must exist; ``org/name`` is a hub id."""
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise ConfigError(f"{key}: model dir '{source}' does not exist; point it at a saved HF model dir (save_pretrained)")
 
 
 def hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -96,7 +96,7 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTr
 
 
 def load_model(path: str, dtype: str = "float32", key: str = "checkpoint") -> PreTrainedModel:
-    _check_local_path(path, key)
+    check_model_path(path, key)
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
 
 

@@ -1,0 +1,185 @@
+"""``posttrain`` command line: a small argparse front over Hydra's compose API.
+
+    posttrain run recipe=NAME [key=value …]       compose, check, run (or resume) the pipeline
+    posttrain validate recipe=NAME [key=value …]  compose and check only; loads no model
+    posttrain recipes                             list shipped recipes with their descriptions
+    posttrain rewards [check NAME --data F]       list / try reward plugins
+
+``recipe=`` takes a shipped recipe name (``recipes/NAME.yaml`` inside the package) or a path to your
+own YAML file (its ``defaults`` may use the shipped groups: ``model/``, ``deepspeed/``).
+Overrides are Hydra's: ``model=tiny_llama`` picks a group option, ``stages.warmup.max_steps=50`` sets
+a value. Unknown keys and wrong types fail before anything loads, naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+from posttrain.config import ConfigError, Recipe, parse_recipe, to_dict
+
+
+def recipes_dir() -> Path:
+    return Path(str(files("posttrain") / "recipes"))
+
+
+def list_recipes() -> dict[str, str]:
+    out = {}
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+    return out
+
+
+def _groups(config_dir: Path) -> set[str]:
+    return {p.name for p in config_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+
+
+def compose(recipe: str, overrides: list[str]) -> Recipe:
+    """Hydra-compose a recipe with overrides and check it against the schema."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    shipped = recipes_dir()
+    as_path = Path(recipe).expanduser()
+    if recipe.endswith((".yaml", ".yml")):
+        if not as_path.exists():
+            raise ConfigError(f"recipe file '{recipe}' does not exist")
+        config_dir, name = as_path.resolve().parent, as_path.stem
+        extra = [f"hydra.searchpath=[file://{shipped}]"]
+    else:
+        known = list_recipes()
+        if recipe not in known:
+            import difflib
+
+            close = difflib.get_close_matches(recipe, list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown recipe '{recipe}'{hint}; available: {', '.join(known)} — or pass a path to a .yaml file")
+        config_dir, name, extra = shipped, recipe, []
+
+    groups = _groups(shipped) | _groups(config_dir)
+    hydra_overrides = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not key=value")
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if key in groups or ov.startswith(("+", "~")):
+            hydra_overrides.append(ov)  # group choice or explicit Hydra syntax
+        else:
+            hydra_overrides.append("++" + ov)  # set or add; the schema check reports unknown keys
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = hydra_compose(config_name=name, overrides=hydra_overrides + extra)
+    except HydraException as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"recipe '{recipe}': {first}") from None
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    return parse_recipe(data)  # type: ignore[arg-type]
+
+
+def _split_recipe_arg(args: list[str]) -> tuple[str, list[str]]:
+    recipe = None
+    rest = []
+    for a in args:
+        if a.startswith("recipe="):
+            recipe = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if not recipe:
+        raise ConfigError("name a recipe: posttrain run recipe=NAME [key=value …] (see `posttrain recipes`)")
+    return recipe, rest
+
+
+def _launch_ranks(recipe: Recipe, argv: list[str]) -> int:
+    """Re-run this command under torchrun with launcher.nproc_per_node ranks on this node."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={recipe.launcher.nproc_per_node}", f"--master_port={port}",
+        "-m", "posttrain.cli", *argv,
+    ]  # fmt: skip
+    return subprocess.call(cmd)
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    recipe = compose(*_split_recipe_arg(args.overrides))
+    if recipe.launcher.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_ranks(recipe, argv)
+    if recipe.launcher.nnodes > 1 and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(
+            "launcher.nnodes > 1: start `posttrain run …` on every node with torchrun or the DeepSpeed launcher "
+            "(see docs/expert_parallel.md)"
+        )
+    from posttrain.pipeline import run_pipeline
+    from posttrain.strategy import shutdown
+
+    try:
+        run_pipeline(recipe)
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, argv: list[str]) -> int:
+    recipe_name, overrides = _split_recipe_arg(args.overrides)
+    recipe = compose(recipe_name, overrides)
+    print(yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip())
+    print(f"recipe '{recipe_name}' is valid: {len(recipe.stages)} stage(s): {', '.join(f'{n} ({s.type})' for n, s in recipe.stages.items())}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace, argv: list[str]) -> int:
+    items = list_recipes()
+    width = max(map(len, items), default=0)
+    for name, desc in items.items():
+        print(f"{name.ljust(width)}  {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Llama 4-style post-training: SFT, online RL, DPO, codistillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in [
+        ("run", cmd_run, "run (or resume) a recipe: posttrain run recipe=NAME [key=value …]"),
+        ("validate", cmd_validate, "compose and check a recipe without loading a model"),
+    ]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("overrides", nargs="*", help="recipe=NAME, then Hydra overrides key=value")
+        p.set_defaults(func=fn)
+    sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from posttrain.data import DataError
+    from posttrain.pipeline import PipelineError
+    from posttrain.registry import RegistryError
+
+    try:
+        result = args.func(args, argv) if args.command in ("run", "validate", "recipes") else args.func(args)
+        return int(result or 0)
+    except (ConfigError, DataError, PipelineError, RegistryError) as e:
+        print(f"posttrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("posttrain: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

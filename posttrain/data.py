@@ -1,0 +1,240 @@
+"""Datasets in, token batches out: load (``datasets``), chat template, tokenise, pack or length-group, collate.
+
+Sources (``DataConfig.source``): ``tiny`` (the tiny world, generated from the seed), a local
+``.jsonl``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` dataset dir, or a hub dataset name.
+Every problem with a source is a ``DataError`` whose one-line message names the file, row or column.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from posttrain.config import DataConfig
+from posttrain.tasks import tiny_dataset
+
+IGNORE = -100
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message names the file/row/column and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_rows(cfg: DataConfig, split: str, seed: int, required: Sequence[str]) -> datasets.Dataset:
+    """The stage's dataset for ``split`` ("train" or "eval"), checked for ``required`` columns."""
+    if cfg.source == "tiny":
+        n = cfg.num_train if split == "train" else cfg.num_eval
+        ds = tiny_dataset(cfg.tasks, split, n, seed)
+        where = f"tiny world ({', '.join(sorted(cfg.tasks))})"
+    else:
+        source = cfg.source if split == "train" else cfg.eval_source
+        if source is None:
+            raise DataError(f"data.eval_source is not set: give a held-out file for source '{cfg.source}'")
+        ds, where = _load_source(source, cfg.split if split == "train" else "train")
+    missing = [c for c in required if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{where}: missing required column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)}); "
+            "add them or rename columns"
+        )
+    return ds
+
+
+def check_source(cfg: DataConfig, key: str, required: Sequence[str]) -> None:
+    """Fail early on a missing/malformed file or missing columns (``a|b`` = either column)."""
+    for split, source in (("train", cfg.source), ("eval", cfg.eval_source)):
+        if source is None or (split == "eval" and not key.startswith("eval")):
+            continue
+        ds, where = _load_source(source, cfg.split)
+        for need in required:
+            options = need.split("|")
+            if not any(o in ds.column_names for o in options):
+                raise DataError(
+                    f"{where} ({key}): missing required column '{' or '.join(options)}' "
+                    f"(has: {', '.join(ds.column_names)}); add it or rename a column"
+                )
+
+
+def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in FILE_FORMATS or path.exists():
+        if not path.exists():
+            raise DataError(f"{source}: dataset file not found; check data.source (relative paths are from the working dir)")
+        if path.is_dir():
+            return datasets.load_from_disk(str(path)), source
+        if suffix == ".jsonl":
+            _check_jsonl(path)
+        return datasets.load_dataset(FILE_FORMATS.get(suffix, "json"), data_files=str(path), split="train"), source
+    return datasets.load_dataset(source, split=split), source
+
+
+def _check_jsonl(path: Path) -> None:
+    """Parse every line so a bad row is reported by number (datasets' own error does not say which)."""
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: row {i} is not valid JSON ({e.msg} at column {e.colno}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {i} is a {type(row).__name__}, expected a JSON object")
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenising
+
+
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The chat-formatted prompt, ending with the assistant turn's opening."""
+    return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True))
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    return list(tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False).input_ids)
+
+
+def encode_sft(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels are IGNORE on the prompt, the completion + EOS are trained on."""
+    p = encode_prompt(tokenizer, prompt)
+    c = list(tokenizer(completion, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id]
+    return p + c, [IGNORE] * len(p) + c
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_sft(ds: datasets.Dataset, tokenizer: Any, max_len: int, where: str = "dataset") -> list[Example]:
+    completions = ds["completion"] if "completion" in ds.column_names else ds["answer"]
+    out = []
+    skipped = 0
+    for prompt, completion in zip(ds["prompt"], completions, strict=True):
+        ids, labels = encode_sft(tokenizer, str(prompt), str(completion))
+        if len(ids) > max_len:
+            skipped += 1
+            continue
+        out.append(Example(ids, labels))
+    if not out:
+        raise DataError(f"{where}: every example is longer than {max_len} tokens; raise the stage's seq_len")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# batching
+
+
+def length_grouped_batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Index batches of similar lengths (little padding), in random order. Deterministic given ``rng``."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    # sort within windows of 50 batches so batches are similar in length but the epoch stays shuffled
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i].input_ids))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]  # full batches only: every step has the same size
+    rng.shuffle(batches)
+    return batches
+
+
+def pack_rows(examples: Sequence[Example], order: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Greedy packing: consecutive examples (in ``order``) share a row of at most ``seq_len`` tokens."""
+    rows: list[list[int]] = []
+    row: list[int] = []
+    used = 0
+    for i in order:
+        n = len(examples[i].input_ids)
+        if used + n > seq_len and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels  (each [B, T])."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Packed batch: several examples per row, ``position_ids`` restart at each example.
+
+    With no attention mask, transformers reads the restarts as sequence boundaries and builds a
+    block-diagonal causal mask, so packed examples do not attend to each other.
+    """
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[b, at : at + n] = torch.tensor(e.input_ids)
+            labels[b, at : at + n] = torch.tensor(e.labels)
+            pos[b, at : at + n] = torch.arange(n)
+            at += n
+        # padding continues the last example's positions, so it forms no new "sequence" (labels ignore it)
+        last = len(row[-1].input_ids)
+        pos[b, at:] = torch.arange(last, last + seq_len - at)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def epoch_batches(
+    examples: Sequence[Example], batch_size: int, seed: int, epoch: int, pack: bool, seq_len: int
+) -> list[list[list[int]]]:
+    """The epoch's micro-batches as lists of rows of example indices (a row is one example unless packing)."""
+    rng = random.Random(f"{seed}:{epoch}")
+    if not pack:
+        return [[[i] for i in b] for b in length_grouped_batches(examples, batch_size, rng)]
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    rows = pack_rows(examples, order, seq_len)
+    return [rows[j : j + batch_size] for j in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
+def iterate_forever(
+    examples: Sequence[Example], batch_size: int, seed: int, pack: bool, seq_len: int, start: int = 0
+) -> Iterator[list[list[int]]]:
+    """Micro-batches across epochs, starting at global micro-batch index ``start`` (for resume)."""
+    epoch, skip = 0, start
+    while True:
+        batches = epoch_batches(examples, batch_size, seed, epoch, pack, seq_len)
+        if not batches:
+            raise DataError(f"fewer examples ({len(examples)}) than one micro-batch ({batch_size}); lower micro_batch_size")
+        if skip >= len(batches):
+            skip -= len(batches)
+            epoch += 1
+            continue
+        yield from batches[skip:]
+        skip = 0
+        epoch += 1

@@ -1,0 +1,229 @@
+"""Runs a recipe's stages in order; each stage hands a Hugging Face checkpoint to the next.
+
+Run dir layout::
+
+    <run.dir>/<run.name>/
+      recipe.yaml            the resolved recipe (a rerun with a different one is refused)
+      base/eval.json         held-out accuracy of the starting model (eval.include_base)
+      <stage>/checkpoint/    save_pretrained model + tokenizer (what the next stage loads)
+      <stage>/state/         DeepSpeed resume state (model, optimizer, scheduler, RNG, loop position)
+      <stage>/metrics.jsonl  one row per logged step; <stage>/eval.json held-out accuracy
+      <stage>/DONE           written last: a stage with DONE is skipped on rerun
+      DONE                   the whole run finished: rerunning needs run.overwrite=true
+
+Rerunning the same command resumes: finished stages are skipped, an interrupted stage continues
+from its last saved state. Every rank runs this code; rank 0 alone writes shared files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain.config import Recipe, to_dict
+from posttrain.data import check_source, load_rows
+from posttrain.evaluate import evaluate
+from posttrain.models import build_model, check_model_path, load_checkpoint
+from posttrain.strategy import Strategy
+from posttrain.tracking import Tracker
+
+# stage type -> "module:function"; each runner takes a StageContext and writes ctx.checkpoint_dir.
+STAGE_RUNNERS: dict[str, str] = {
+    "sft": "posttrain.stages.sft:run_sft",
+    "rl": "posttrain.stages.rl:run_rl",
+    "dpo": "posttrain.stages.dpo:run_dpo",
+    "distill": "posttrain.stages.distill:run_distill",
+}
+
+
+class PipelineError(RuntimeError):
+    """A run that cannot start as asked (the message says what to do)."""
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    name: str
+    cfg: Any  # the stage's config dataclass (SFTConfig, RLConfig, …)
+    stage_dir: Path
+    input_dir: Path | None  # previous stage's checkpoint; None: build from recipe.model
+    strategy: Strategy
+    tracker: Tracker
+    seed: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.stage_dir / "checkpoint"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.stage_dir / "state"
+
+    def load_model(self) -> tuple[Any, Any]:
+        """The model this stage starts from, and its tokenizer."""
+        if self.input_dir is None:
+            return build_model(self.recipe.model, seed=self.seed)
+        return load_checkpoint(self.input_dir, self.recipe.model.dtype)
+
+    def eval_set(self) -> Any:
+        return load_rows(self.recipe.eval.data, "eval", self.recipe.run.seed, ["prompt"])
+
+
+def run_dir(recipe: Recipe) -> Path:
+    return Path(recipe.run.dir).expanduser() / recipe.run.name
+
+
+def _comparable(recipe: Recipe) -> dict[str, Any]:
+    d = to_dict(recipe)
+    d.pop("tracking", None)
+    d.pop("launcher", None)
+    d["run"].pop("overwrite", None)
+    return d
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path}: {a!r} -> {b!r}"
+
+
+def prepare_run_dir(recipe: Recipe, is_main: bool) -> Path:
+    """Check the run dir against this recipe; refuse to clobber a finished or different run."""
+    rd = run_dir(recipe)
+    saved = rd / "recipe.yaml"
+    new = _comparable(recipe)
+    if saved.exists():
+        if (rd / "DONE").exists() or _first_difference(yaml.safe_load(saved.read_text()), new):
+            if not recipe.run.overwrite:
+                why = "is a finished run" if (rd / "DONE").exists() else (
+                    f"holds a run of a different recipe ({_first_difference(yaml.safe_load(saved.read_text()), new)})"
+                )
+                raise PipelineError(f"{rd} {why}; pass run.overwrite=true to replace it, or choose another run.name=…")
+            if is_main:
+                # Keep the old run until the new one finishes: a failed overwrite loses nothing.
+                previous = rd.with_name(rd.name + ".previous")
+                shutil.rmtree(previous, ignore_errors=True)
+                rd.rename(previous)
+    if is_main:
+        rd.mkdir(parents=True, exist_ok=True)
+        saved.write_text(yaml.safe_dump(new, sort_keys=False))
+    return rd
+
+
+def _runner(kind: str) -> Callable[[StageContext], None]:
+    module, _, fn = STAGE_RUNNERS[kind].partition(":")
+    return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check model dirs and data files before any model loads, so bad input fails in a second."""
+    if recipe.model.name_or_path is not None:
+        check_model_path(recipe.model.name_or_path, "model.name_or_path")
+    sources = [("eval.data", recipe.eval.data)] + [
+        (f"stages.{name}.data", cfg.data) for name, cfg in recipe.stages.items() if hasattr(cfg, "data")
+    ]
+    for key, data in sources:
+        if data.source != "tiny":
+            required = ["prompt"] + (["completion|answer"] if key.endswith(".data") and key != "eval.data" else [])
+            check_source(data, key, required)
+
+
+def run_pipeline(recipe: Recipe) -> dict[str, dict[str, float]]:
+    """Run (or resume) every stage; returns {row name: held-out metrics} and prints the table."""
+    preflight(recipe)
+    strategy_probe = Strategy(recipe.deepspeed, recipe.parallel, recipe.run.seed)
+    is_main = strategy_probe.is_main
+    rd = prepare_run_dir(recipe, is_main)
+    strategy_probe.barrier()
+    results: dict[str, dict[str, float]] = {}
+    started = time.time()
+
+    if recipe.eval.include_base:
+        results["base"] = _evaluate_once(recipe, rd / "base", None, strategy_probe)
+
+    input_dir: Path | None = None
+    for i, (name, cfg) in enumerate(recipe.stages.items()):
+        sd = rd / name
+        if not (sd / "DONE").exists():
+            if is_main:
+                sd.mkdir(parents=True, exist_ok=True)
+                print(f"[posttrain] stage {i + 1}/{len(recipe.stages)}: {name} ({cfg.type})", flush=True)
+            strategy_probe.barrier()
+            if not (sd / "TRAINED").exists():
+                _train_stage(recipe, name, cfg, sd, input_dir)
+            _evaluate_once(recipe, sd, sd / "checkpoint", strategy_probe)
+            if is_main:
+                (sd / "DONE").write_text(json.dumps({"finished": time.time()}))
+            strategy_probe.barrier()
+        elif is_main:
+            print(f"[posttrain] stage {i + 1}/{len(recipe.stages)}: {name} already finished, skipped", flush=True)
+        results[name] = json.loads((sd / "eval.json").read_text())
+        input_dir = sd / "checkpoint"
+
+    if is_main:
+        (rd / "DONE").write_text(json.dumps({"finished": time.time(), "seconds": round(time.time() - started, 1)}))
+        shutil.rmtree(rd.with_name(rd.name + ".previous"), ignore_errors=True)
+        print(format_table(results, recipe), flush=True)
+    strategy_probe.barrier()
+    return results
+
+
+def _train_stage(recipe: Recipe, name: str, cfg: Any, sd: Path, input_dir: Path | None) -> None:
+    strategy = Strategy(recipe.deepspeed, recipe.parallel, recipe.run.seed)
+    tracker = Tracker(recipe.tracking, sd, recipe.run.name, name, {"recipe": to_dict(recipe), "stage": name}, enabled=strategy.is_main)
+    ctx = StageContext(recipe, name, cfg, sd, input_dir, strategy, tracker, seed=recipe.run.seed)
+    try:
+        _runner(cfg.type)(ctx)
+    finally:
+        tracker.close()
+        strategy.close()
+    if strategy.is_main:
+        (sd / "TRAINED").write_text(json.dumps({"finished": time.time()}))
+    strategy.barrier()
+
+
+def _evaluate_once(recipe: Recipe, sd: Path, checkpoint: Path | None, strategy: Strategy) -> dict[str, float]:
+    """Held-out metrics of a checkpoint (None: the recipe's starting model), cached in <sd>/eval.json."""
+    out = sd / "eval.json"
+    if strategy.is_main and not out.exists():
+        if checkpoint is None:
+            model, tok = build_model(recipe.model, seed=recipe.run.seed)
+        else:
+            model, tok = load_checkpoint(checkpoint, recipe.model.dtype)
+        ds = load_rows(recipe.eval.data, "eval", recipe.run.seed, ["prompt"])
+        metrics = evaluate(model, tok, ds, recipe.eval, seed=recipe.run.seed)
+        sd.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=1))
+    strategy.barrier()
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def format_table(results: dict[str, dict[str, float]], recipe: Recipe) -> str:
+    """Held-out accuracy per stage: overall and per capability, greedy and sampled pass@1."""
+    caps = sorted({k.split("/")[0] for r in results.values() for k in r if "/" in k})
+    modes = ["greedy", "sampled"] if recipe.eval.sampled else ["greedy"]
+    header = ["stage", "type"] + [f"{m} pass@1" for m in modes] + [f"{c} ({'/'.join(m[0] for m in modes)})" for c in caps]
+    rows = []
+    for name, r in results.items():
+        kind = "-" if name == "base" else recipe.stages[name].type
+        cells = [name, kind] + [f"{r.get(f'{m}_pass@1', float('nan')):.3f}" for m in modes]
+        cells += ["/".join(f"{r.get(f'{c}/{m}_pass@1', float('nan')):.2f}" for m in modes) for c in caps]
+        rows.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = "  ".join("-" * w for w in widths)
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    title = f"held-out accuracy per stage ({recipe.run.name}; {recipe.eval.data.num_eval if recipe.eval.data.source == 'tiny' else ''} prompts per capability)"
+    return "\n".join([title, fmt(header), line, *map(fmt, rows)])

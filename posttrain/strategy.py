@@ -1,0 +1,241 @@
+"""The DeepSpeed seam: the only module that imports DeepSpeed.
+
+Every stage trains through a ``Strategy``: one process on CPU and N ranks under torchrun run the same
+code. The loop owns the loss; the strategy owns distribution, precision, accumulation, clipping,
+checkpoints and export.
+
+Loss scaling contract. The loop back-propagates ``aggregate(per_token, mask, denom)`` where ``denom``
+is the number of loss tokens in the whole optimizer step (all micro-batches, all ranks). The true
+gradient is then the *sum* of the per-micro-batch, per-rank gradients. DeepSpeed averages gradients
+over data-parallel ranks and (by default) divides the loss by the accumulation steps, so ``backward``
+multiplies by the data-parallel size and turns the accumulation division off. The gradient is then
+the same for any split of the step — tests/test_strategy.py checks 1 process against 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from posttrain.config import DeepSpeedConfig, OptimConfig, ParallelConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> None:
+    """Start torch.distributed (gloo on CPU) through DeepSpeed, also for a single process."""
+    import deepspeed
+
+    if not os.environ.get("WORLD_SIZE"):
+        # A plain `python` / `posttrain run` process: a world of one, no launcher needed.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed's shared-memory all-reduce op compiles for 75-90 s on first use; gloo is enough here.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):  # type: ignore[no-untyped-def]
+    """Multiplier of the base lr at optimizer step ``s``: linear warmup, then cosine/linear/constant."""
+
+    def f(step: int) -> float:
+        if optim.warmup_steps > 0 and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1.0 - progress
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+    return f
+
+
+class Strategy:
+    def __init__(self, ds: DeepSpeedConfig, parallel: ParallelConfig | None = None, seed: int = 0):
+        init_distributed()
+        self.ds = ds
+        self.parallel = parallel or ParallelConfig()
+        self.seed = seed
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.is_main = self.rank == 0
+        self.engine: Any = None
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+    # ---------------------------------------------------------------------------------------------
+    # set-up
+
+    def ds_config(self, micro_batch_size: int, grad_accum: int) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch_size * grad_accum * self.world_size,
+            "gradient_clipping": self.ds.gradient_clipping,
+            "zero_optimization": {"stage": self.ds.zero_stage},
+            "bf16": {"enabled": self.ds.bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.ds.zero_stage == 3:
+            # Small models: gather every parameter at once rather than in many tiny prefetches.
+            cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+        cfg.update(self.ds.extra)
+        return cfg
+
+    def setup(
+        self,
+        model: torch.nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        micro_batch_size: int,
+        grad_accum: int = 1,
+    ) -> Any:
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))  # type: ignore[arg-type]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config(micro_batch_size, grad_accum),
+        )
+        return self.engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    # ---------------------------------------------------------------------------------------------
+    # training
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.engine(**{k: v.to(self.device) for k, v in batch.items()})
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        """Call after every micro-batch: DeepSpeed updates at the accumulation boundary only."""
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def all_reduce_sum(self, x: float | torch.Tensor) -> float:
+        t = torch.as_tensor(x, dtype=torch.float64).clone()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return float(t)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    # ---------------------------------------------------------------------------------------------
+    # resume state
+
+    def save_state(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        """DeepSpeed checkpoint (model, optimizer, scheduler) + loop state + every rank's RNG.
+
+        Only the newest tag is kept; ``latest`` is written last, so a crash mid-save leaves the
+        previous state loadable.
+        """
+        directory = Path(directory)
+        step = int(client_state.get("step", 0))
+        tag = f"step{step}"
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=dict(client_state))
+        # Each rank's RNG lives in its own small file (the DeepSpeed client state is rank 0's).
+        torch.save(_rng_state(), directory / tag / f"rng_rank{self.rank}.pt")
+        self.barrier()
+        if self.is_main:
+            for old in directory.glob("step*"):
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+
+    def load_state(self, directory: str | Path) -> dict[str, Any] | None:
+        directory = Path(directory)
+        if not (directory / "latest").exists():
+            return None
+        path, client_state = self.engine.load_checkpoint(str(directory), load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            return None
+        tag = (directory / "latest").read_text().strip()
+        _set_rng_state(torch.load(directory / tag / f"rng_rank{self.rank}.pt", weights_only=False))
+        return dict(client_state or {})
+
+    # ---------------------------------------------------------------------------------------------
+    # export
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Consolidated model weights on every rank (ZeRO-3 parameters are gathered)."""
+        if self.ds.zero_stage == 3:
+            import deepspeed
+
+            params = list(self.engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().clone().cpu() for k, v in self.engine.module.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+
+    def export_hf(self, directory: str | Path, tokenizer: Any) -> None:
+        """A Hugging Face checkpoint (``save_pretrained``) written atomically by rank 0."""
+        state = self.full_state_dict()
+        if self.is_main:
+            write_hf_checkpoint(self.engine.module, state, tokenizer, Path(directory))
+        self.barrier()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+
+def write_hf_checkpoint(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, directory: Path) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state)
+    tokenizer.save_pretrained(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def shutdown() -> None:
+    """End the process group cleanly (avoids rare aborts at exit of multi-rank runs)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

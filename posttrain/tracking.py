@@ -1,0 +1,136 @@
+"""Metrics to Weights & Biases (offline unless configured online) and to ``metrics.jsonl``.
+
+One W&B run per stage (name ``<run>/<stage>``, group ``<run>``); its id is kept in the stage dir so a
+resumed stage continues the same W&B run. Only rank 0 logs. ``metrics.jsonl`` is cut back to the
+resumed step, so a crash and resume leave no duplicate rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from posttrain.config import TrackingConfig
+
+
+class Tracker:
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        stage_dir: Path,
+        run_name: str,
+        stage: str,
+        config: dict[str, Any],
+        enabled: bool = True,
+    ):
+        self.cfg = cfg
+        self.dir = stage_dir
+        self.enabled = enabled
+        self.metrics_path = stage_dir / "metrics.jsonl"
+        self.samples_path = stage_dir / "samples.jsonl"
+        self._wandb: Any = None
+        self._tables: dict[str, Any] = {}
+        self._bar: Any = None
+        if not enabled:
+            return
+        mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+        if mode == "disabled":
+            return
+        import wandb
+
+        id_file = stage_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        os.environ.setdefault("WANDB_CACHE_DIR", str(stage_dir / "wandb" / "cache"))
+        os.environ.setdefault("WANDB_DATA_DIR", str(stage_dir / "wandb" / "data"))
+        self._wandb = wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            name=f"{run_name}/{stage}",
+            group=run_name,
+            job_type=stage,
+            id=run_id,
+            resume="allow",
+            dir=str(stage_dir),
+            mode=mode,
+            config=config,
+            settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s, silent=True, console="off"),
+        )
+
+    # ---------------------------------------------------------------------------------------------
+
+    def resume_at(self, step: int) -> None:
+        """Drop rows logged after ``step`` (they are recomputed after a resume)."""
+        if not self.enabled:
+            return
+        for path in (self.metrics_path, self.samples_path):
+            if path.exists():
+                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+                path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=step)
+
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Append rows to a W&B table that grows over the run (never overwritten) and to samples.jsonl."""
+        if not self.enabled or not rows:
+            return
+        with self.samples_path.open("a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, "table": name, **{k: _plain(v) for k, v in r.items()}}) + "\n")
+        if self._wandb is not None:
+            import wandb
+
+            columns = ["step", *rows[0].keys()]
+            if name not in self._tables:
+                self._tables[name] = wandb.Table(columns=columns, log_mode="INCREMENTAL")
+            for r in rows:
+                self._tables[name].add_data(step, *[_plain(r.get(c)) for c in columns[1:]])
+            self._wandb.log({name: self._tables[name]}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            for k, v in values.items():
+                self._wandb.summary[k] = _plain(v)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def progress(self, total: int, initial: int, desc: str) -> None:
+        if self.enabled and self.cfg.progress:
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self, postfix: dict[str, Any] | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _plain(v: Any) -> Any:
+    """Tensors and numpy scalars -> Python numbers, so every row is JSON."""
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+        return v.item()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
