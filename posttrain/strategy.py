@@ -129,7 +129,9 @@ class Strategy:
     # training
 
     def forward(self, **batch: torch.Tensor) -> Any:
-        return self.engine(**{k: v.to(self.device) for k, v in batch.items()})
+        """Training forward. No KV cache: it is useless here, and with one transformers ignores the
+        ``position_ids`` restarts that keep packed sequences apart."""
+        return self.engine(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)

@@ -1,0 +1,47 @@
+"""Shared test set-up: tiny models only, W&B off unless a test turns it on, quiet thread use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run ``posttrain ARGS`` in a subprocess inside tmp_path; returns CompletedProcess (text)."""
+
+    def run(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "posttrain.cli", *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=full_env,
+        )  # fmt: skip
+
+    return run
+
+
+# A few-step recipe on the tiny dense model: what end-to-end tests run.
+TINY_OVERRIDES = [
+    "model=tiny_llama",
+    "deepspeed=zero2",
+    "eval.data.num_eval=8",
+    "eval.sampled=false",
+    "eval.include_base=false",
+    "stages.warmup.max_steps=6",
+    "stages.warmup.micro_batch_size=8",
+    "stages.warmup.data.num_train=400",
+    "stages.warmup.save_every=2",
+    "tracking.progress=false",
+    "tracking.log_every=1",
+]

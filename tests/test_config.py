@@ -1,0 +1,82 @@
+"""Recipes compose and validate; schema errors name the key (and the closest valid key / the type)."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.cli import compose, list_recipes, main, recipes_dir
+from posttrain.config import ConfigError, ModelConfig, OptimConfig, parse
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in recipes_dir().glob("*.yaml")))
+def test_every_recipe_composes_and_validates(name):
+    recipe = compose(name, [])
+    assert recipe.stages, name
+    assert name in list_recipes()
+
+
+@pytest.mark.parametrize("group", ["model", "deepspeed"])
+def test_every_group_option_composes(group):
+    for option in sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml")):
+        recipe = compose("quickstart", [f"{group}={option}"])
+        if group == "deepspeed":
+            assert recipe.deepspeed.zero_stage == int(option[-1])
+        else:
+            assert recipe.model.arch is not None or recipe.model.name_or_path is not None
+
+
+def test_unknown_key_names_key_and_closest():
+    with pytest.raises(ConfigError, match=r"unknown key 'stages.warmup.max_step' \(did you mean 'stages.warmup.max_steps'\?\)"):
+        compose("quickstart", ["stages.warmup.max_step=5"])
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'trakcing' \(did you mean 'tracking'\?\)"):
+        compose("quickstart", ["trakcing.log_every=5"])
+
+
+def test_wrong_type_names_key_and_type():
+    with pytest.raises(ConfigError, match=r"'stages.warmup.max_steps' must be int, got 'ten'"):
+        compose("quickstart", ["stages.warmup.max_steps=ten"])
+    with pytest.raises(ConfigError, match=r"'optim.lr' must be float"):
+        parse(OptimConfig, {"lr": "fast"}, "optim")
+
+
+def test_literal_and_stage_type_errors():
+    with pytest.raises(ConfigError, match=r"'deepspeed.zero_stage' must be one of 0 \| 1 \| 2 \| 3, got 5"):
+        compose("quickstart", ["deepspeed.zero_stage=5"])
+    with pytest.raises(ConfigError, match=r"'stages.warmup.type' is 'sftt' \(did you mean 'sft'\?\)"):
+        compose("quickstart", ["stages.warmup.type=sftt"])
+
+
+def test_unknown_recipe_lists_available():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'quickstrat' \(did you mean 'quickstart'\?\); available: .*quickstart"):
+        compose("quickstrat", [])
+
+
+def test_model_needs_a_source():
+    with pytest.raises(ConfigError, match="needs either name_or_path"):
+        parse(ModelConfig, {"tokenizer": "char"}, "model")
+
+
+def test_overrides_reach_the_schema():
+    recipe = compose("quickstart", ["stages.warmup.max_steps=7", "model=tiny_llama", "run.seed=3"])
+    assert recipe.stages["warmup"].max_steps == 7
+    assert recipe.model.arch == "llama" and recipe.run.seed == 3
+
+
+def test_user_recipe_file_uses_shipped_groups(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("defaults:\n  - model: tiny_llama\n  - _self_\nstages:\n  a: {type: sft, max_steps: 3}\n")
+    recipe = compose(str(f), [])
+    assert recipe.model.arch == "llama" and recipe.stages["a"].max_steps == 3
+
+
+def test_cli_validate_and_recipes(capsys):
+    assert main(["validate", "recipe=quickstart", "stages.warmup.max_steps=3"]) == 0
+    assert "is valid" in capsys.readouterr().out
+    assert main(["recipes"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+    assert main(["validate", "recipe=quickstart", "stages.warmup.lr=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("posttrain: error: unknown key 'stages.warmup.lr'")
