@@ -402,6 +402,90 @@ class DistillConfig:
 STAGE_TYPES["distill"] = DistillConfig
 
 
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """Continuous curriculum over a prompt pool (see posttrain/curriculum.py for the status rules)."""
+
+    enabled: bool = False  # False: prompts drawn from the whole train set, no filter passes
+    pool_size: int = 256  # trainable prompts the pool keeps topped up from the dataset
+    band: tuple[float, ...] = (0.0, 1.0)  # [lo, hi] pass-rate band kept for training
+    band_final: tuple[float, ...] | None = None  # the band reached at band_steps (toward harder: lower)
+    band_steps: int = 0
+    refilter_every: int = 50  # steps between filter passes (pass 0 runs before step 1); 0: never
+    filter_samples: int = 8  # completions per prompt in a filter pass (the n of c-of-n)
+    pass_k: int = 8  # the k of the logged pass@k (<= filter_samples)
+    retire_after: int = 2  # consecutive all-correct checks (filter pass or training group) to retire
+    backlog_recheck_every: int = 2  # a backlog prompt is re-checked every this many filter passes
+
+    def check(self, path: str) -> None:
+        for name, band in (("band", self.band), ("band_final", self.band_final)):
+            if band is not None and not (len(band) == 2 and 0.0 <= band[0] <= band[1] <= 1.0):
+                raise ConfigError(f"'{path}.{name}' must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(band)}")
+        if not 1 <= self.pass_k <= self.filter_samples:
+            raise ConfigError(f"'{path}.pass_k' must be in [1, filter_samples={self.filter_samples}], got {self.pass_k}")
+        for name in ("pool_size", "filter_samples", "retire_after", "backlog_recheck_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"'{path}.{name}' must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class RLLossConfig:
+    """Clipped policy gradient (GRPO; DAPO's asymmetric clip with clip_high > clip_low) + optional k3 KL and entropy."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0  # > 0 keeps a frozen copy of the starting model as the KL reference
+    entropy_coef: float = 0.0
+    scale_by_std: bool = True  # advantage (r - mean) / (std + adv_eps); False: r - mean
+    adv_eps: float = 1e-4
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Online RL: rollouts -> rewards -> group advantages -> drop zero-advantage groups, refill -> update -> sync.
+
+    Defaults are the recipe measured on the tiny world (DESIGN.md): GRPO, 16 prompts x 8 samples at
+    temperature 1, advantage (r - mean)/(std + 1e-4), token-mean loss, one on-policy update per
+    batch, AdamW lr 1e-4 betas (0.9, 0.99) no weight decay, 10-step warmup then constant, no KL.
+    """
+
+    type: Literal["rl"] = "rl"
+    data: DataConfig = field(default_factory=DataConfig)  # prompt + answer (+ capability) rows
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # n = group size
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    loss: RLLossConfig = field(default_factory=RLLossConfig)
+    # The measured optimizer. A recipe's ``optim:`` section starts from OptimConfig's own defaults
+    # (lr 3e-3, cosine), so an RL recipe that sets optim should spell out every key it relies on.
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=10, schedule="constant")
+    )
+    max_steps: int = 300  # policy updates
+    prompts_per_step: int = 16  # informative groups per update
+    filter_zero_advantage: bool = True  # drop groups whose rewards are all equal, and refill
+    max_gen_batches: int = 4  # generation rounds per step before training on what there is
+    capability_weights: dict[str, float] = field(default_factory=dict)  # default: data.tasks weights, else equal
+    pass_threshold: float = 1.0  # a completion "passes" (pass@k, filter passes) when its reward >= this
+    micro_batch_size: int = 256  # sequences per forward/backward
+    grad_accum: int = 1  # micro-batches per update per rank (the step's sequences are split into this many)
+    eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
+    save_every: int = 50
+    log_samples_every: int = 10  # rows appended to the rollout table every N steps
+    samples_per_log: int = 4
+
+    def check(self, path: str) -> None:
+        if self.prompts_per_step < 1 or self.max_gen_batches < 1 or self.max_steps < 0:
+            raise ConfigError(f"'{path}': prompts_per_step and max_gen_batches must be >= 1, max_steps >= 0")
+        if self.sampling.n < 2:
+            raise ConfigError(f"'{path}.sampling.n' must be >= 2 (group-relative advantages need a group), got {self.sampling.n}")
+        if self.grad_accum < 1 or self.micro_batch_size < 1:
+            raise ConfigError(f"'{path}': micro_batch_size and grad_accum must be >= 1")
+
+
+STAGE_TYPES["rl"] = RLConfig
+
+
 # --------------------------------------------------------------------------------------------------
 # The whole recipe
 
