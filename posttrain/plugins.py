@@ -10,7 +10,9 @@ A reward is a plain batch function, sync or async::
 plus the ``kwargs`` of the recipe's reward spec. ``None`` means "not applicable to this sample".
 ``doc`` (default: the first line of the docstring) is what ``posttrain rewards`` lists;
 ``timeout_s`` is used when the recipe leaves the spec's ``timeout_s`` at its default;
-``requires`` maps an optional module to the extra that installs it, checked before a run starts.
+``requires`` maps an optional module to the extra that installs it, checked before a run starts;
+``setup(kwargs)``, if given, is called once by ``RewardRunner`` (in the thread that builds it, before
+any scoring) with the spec's kwargs: load a judge model there, so a bad path fails at start.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class RewardInfo:
     timeout_s: float | None  # the reward's own default; None: the recipe's
     is_async: bool
     requires: tuple[tuple[str, str], ...] = ()  # (module, extra)
+    setup: Callable[[dict[str, Any]], None] | None = None  # called once with the spec's kwargs
 
 
 def reward(
@@ -47,6 +50,7 @@ def reward(
     doc: str | None = None,
     timeout_s: float | None = None,
     requires: Mapping[str, str] | None = None,
+    setup: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as reward ``name`` (default: the function's name) with its metadata."""
 
@@ -57,6 +61,7 @@ def reward(
             timeout_s=timeout_s,
             is_async=inspect.iscoroutinefunction(fn),
             requires=tuple((requires or {}).items()),
+            setup=setup,
         )
         setattr(fn, _INFO_ATTR, info)
         return REWARDS.register(info.name)(fn)

@@ -110,6 +110,9 @@ class RewardRunner:
             missing += missing_requirements(info)
         if missing:
             raise MissingDependencyError("; ".join(missing))
+        for r in self.rewards:
+            if r.info.setup is not None:
+                r.info.setup(dict(r.spec.kwargs))
 
     def score(
         self, prompts: list[str], completions: list[str], columns: Mapping[str, Sequence[Any]]

@@ -1,3 +1,7 @@
-"""Built-in reward plugins. Importing this package registers them."""
+"""Built-in reward plugins. Importing this package registers them.
 
-from rewards import exact_match  # noqa: F401
+Optional dependencies are imported when a reward runs, never here: ``import rewards`` works
+without math-verify, and ``math_verify`` then fails with the extra to install.
+"""
+
+from rewards import code_exec, exact_match, format, length_penalty, llm_judge, math_reward  # noqa: F401
