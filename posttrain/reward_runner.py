@@ -10,10 +10,15 @@ The total of a sample is ``sum(weight * value)`` over the rewards that apply to 
 values are left out). It is ``None`` when no reward applies, or when any reward *failed* on it:
 raised, ran past its timeout, returned NaN/inf or a non-number, or returned a list of the wrong
 length. A failure is isolated to the samples it affects: when a batch call raises, times out or
-returns the wrong length, each sample is retried on its own (one after another, all within one
-more ``timeout_s``), so only the samples that fail alone lose their score. Failures are counted
-in the metrics (``reward/<name>/errors``, ``/timeouts``, ``/nan``, ``/wrong_length``) and the run
-goes on, unless the recipe sets ``rewards.strict``, which raises ``RewardFailure`` instead.
+returns the wrong length, each sample is retried on its own (a few at a time, all within one more
+``timeout_s``), so only the samples that fail alone lose their score. Failures are counted
+in the metrics (``reward/<name>/errors``, ``/timeouts``, ``/nan``, ``/wrong_length`` count samples;
+``/batch_failures`` is 1 when the batch call failed and samples were retried) and the run goes
+on, unless the recipe sets ``rewards.strict``, which raises ``RewardFailure`` instead.
+
+Metrics per reward: ``mean`` and ``std`` of its scored values, the failure counts above,
+``not_applicable`` (``None`` values) and ``seconds``; plus ``reward/total/mean`` and
+``reward/failed_samples``.
 
 Rewards run one after another, each in a daemon worker thread so that a hung reward can be left
 behind (Python cannot kill a thread; a reward that must be killed should run its work in a
@@ -48,6 +53,7 @@ _METRIC_OF: dict[Status, str] = {
     "wrong_length": "wrong_length",
     "none": "not_applicable",
 }
+RETRY_THREADS = 8  # concurrent one-sample calls when a batch call failed
 _SPEC_DEFAULT_TIMEOUT: float = next(
     f.default for f in dataclasses.fields(RewardSpec) if f.name == "timeout_s"
 )  # type: ignore[assignment]
@@ -67,6 +73,7 @@ class RewardOutcome:
     status: list[Status]  # [B]
     messages: list[str]  # [B] why a sample failed ("" when it did not)
     seconds: float  # wall time of the batch call (plus retries)
+    batch_failure: str = ""  # why the batch call failed, so that samples were retried one by one
 
 
 @dataclass
@@ -178,6 +185,7 @@ class RewardRunner:
         elif n == 1:
             outcome.status[0], outcome.messages[0] = failure
         else:
+            outcome.batch_failure = f"{failure[0]}: {failure[1]}"
             self._retry_each(r, prompts, completions, columns, outcome)
         outcome.seconds = time.perf_counter() - start
         if self.strict:
@@ -198,31 +206,51 @@ class RewardRunner:
         columns: Mapping[str, Sequence[Any]],
         outcome: RewardOutcome,
     ) -> None:
-        """Score samples one at a time within one more ``timeout_s`` to find the ones that fail."""
+        """Score samples one at a time to find the ones that fail, all within one more ``timeout_s``.
+
+        ``RETRY_THREADS`` daemon threads take samples in order, so a sample that hangs holds up one
+        thread, not the rest. Samples not finished by the deadline count as timeouts.
+        """
+        n = len(prompts)
+        done: list[tuple[Status, str, Any] | None] = [None] * n
+        todo = iter(range(n))
+        lock = threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                one = {k: [v[i]] for k, v in columns.items()}
+                try:
+                    result = _call(r, [prompts[i]], [completions[i]], one, 0)
+                except Exception as e:
+                    done[i] = ("error", f"{type(e).__name__}: {e}", e)
+                    continue
+                if not _is_sequence(result) or len(result) != 1:
+                    done[i] = ("wrong_length", f"returned {_describe(result)} for 1 sample", None)
+                else:
+                    done[i] = ("ok", "", result[0])
+
+        threads = [
+            threading.Thread(target=worker, name=f"reward-{r.label}-retry", daemon=True)
+            for _ in range(min(n, RETRY_THREADS))
+        ]
+        for t in threads:
+            t.start()
         deadline = time.monotonic() + r.timeout_s if r.timeout_s > 0 else math.inf
-        for i in range(len(prompts)):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                outcome.status[i], outcome.messages[i] = "timeout", "batch retry ran out of time"
-                continue
-            one = {k: [v[i]] for k, v in columns.items()}
-            try:
-                result = _call(r, [prompts[i]], [completions[i]], one, left if r.timeout_s > 0 else 0)
-            except _Timeout:
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()) if deadline < math.inf else None)
+        for i, d in enumerate(done):
+            if d is None:
                 outcome.status[i], outcome.messages[i] = "timeout", f"no result within {r.timeout_s:g} s"
-                continue
-            except MissingDependencyError:
-                raise
-            except Exception as e:
-                outcome.status[i], outcome.messages[i] = "error", f"{type(e).__name__}: {e}"
-                continue
-            if not _is_sequence(result) or len(result) != 1:
-                outcome.status[i], outcome.messages[i] = (
-                    "wrong_length",
-                    f"returned {_describe(result)} for 1 sample",
-                )
+            elif isinstance(d[2], MissingDependencyError):
+                raise d[2]
+            elif d[0] == "ok":
+                _set(outcome, i, d[2])
             else:
-                _set(outcome, i, result[0])
+                outcome.status[i], outcome.messages[i] = d[0], d[1]
 
 
 def _call(
@@ -300,6 +328,7 @@ def _metrics(outcomes: list[RewardOutcome], totals: list[float | None]) -> dict[
             m[f"reward/{o.name}/std"] = statistics.pstdev(ok)
         for status, key in _METRIC_OF.items():
             m[f"reward/{o.name}/{key}"] = float(sum(s == status for s in o.status))
+        m[f"reward/{o.name}/batch_failures"] = 1.0 if o.batch_failure else 0.0
         m[f"reward/{o.name}/seconds"] = o.seconds
     scored = [t for t in totals if t is not None]
     if scored:
