@@ -86,7 +86,9 @@ def check_ep_size(ep_size: int, world_size: int, num_experts: int | None) -> Non
             "use a divisor of the rank count"
         )
     if num_experts is None:
-        raise ConfigError(f"parallel.ep_size={ep_size} but the model has no routed experts (a dense model); set parallel.ep_size=1")
+        raise ConfigError(
+            f"parallel.ep_size={ep_size} but the model has no routed experts (a dense model); set parallel.ep_size=1"
+        )
     if num_experts % ep_size:
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
         raise ConfigError(
@@ -232,7 +234,9 @@ class ExpertParallel:
 
     def ds_config(self) -> dict[str, Any]:
         """Keys to merge into the DeepSpeed config: time the EP all-to-all with DeepSpeed's comms logger."""
-        return {"comms_logger": {"enabled": True, "prof_all": False, "prof_ops": [_A2A_TIMER], "verbose": False}}
+        return {
+            "comms_logger": {"enabled": True, "prof_all": False, "prof_ops": [_A2A_TIMER], "verbose": False}
+        }
 
     # ----------------------------------------------------------------------------------------------
     # metrics
@@ -263,7 +267,9 @@ class ExpertParallel:
 
     def tokens_per_expert(self, reset: bool = True) -> torch.Tensor:
         """[num_layers, num_experts] routed-token counts since the last reset, summed over all ranks."""
-        local = torch.stack([layer.tokens_per_expert.detach().double().cpu() for layer in self.layers.values()])
+        local = torch.stack(
+            [layer.tokens_per_expert.detach().double().cpu() for layer in self.layers.values()]
+        )
         if reset:
             for layer in self.layers.values():
                 layer.tokens_per_expert.zero_()
@@ -275,7 +281,10 @@ class ExpertParallel:
         rows = []
         for name, row in zip(self.layers, counts, strict=True):
             total = float(row.sum()) or 1.0
-            rows += [{"layer": name, "expert": e, "tokens": int(c), "share": float(c) / total} for e, c in enumerate(row.tolist())]
+            rows += [
+                {"layer": name, "expert": e, "tokens": int(c), "share": float(c) / total}
+                for e, c in enumerate(row.tolist())
+            ]
         return rows
 
     # ----------------------------------------------------------------------------------------------
@@ -312,7 +321,9 @@ class ExpertParallel:
                 out[f"{prefix}.{lay.w1}"] = torch.cat([w1, w3], dim=1)  # [E, 2I, H]
                 out[f"{prefix}.{lay.w2}"] = w2  # [E, H, I]
             elif lay.fused == "hidden_first":
-                out[f"{prefix}.{lay.w1}"] = torch.cat([w1, w3], dim=1).transpose(1, 2).contiguous()  # [E, H, 2I]
+                out[f"{prefix}.{lay.w1}"] = (
+                    torch.cat([w1, w3], dim=1).transpose(1, 2).contiguous()
+                )  # [E, H, 2I]
                 out[f"{prefix}.{lay.w2}"] = w2.transpose(1, 2).contiguous()  # [E, I, H]
             else:
                 assert lay.w3 is not None
@@ -356,7 +367,9 @@ def _hf_layout(block: nn.Module, spec: Any) -> _HFLayout:
         w1, w2 = getattr(experts, spec.expert_w1_name), getattr(experts, spec.expert_w2_name)
         layout = classify_fused_gate_up_layout(tuple(w1.shape), tuple(w2.shape))
         if layout is None:
-            raise ConfigError(f"expert parallelism: unknown expert layout in '{spec.moe_module_name}' ({tuple(w1.shape)}, {tuple(w2.shape)})")
+            raise ConfigError(
+                f"expert parallelism: unknown expert layout in '{spec.moe_module_name}' ({tuple(w1.shape)}, {tuple(w2.shape)})"
+            )
         fused = layout.layout
     return _HFLayout(
         router=spec.router_name,
@@ -390,7 +403,9 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertParallel:
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); set parallel.ep_size=1"
         )
     if getattr(config, "router_jitter_noise", 0.0):
-        raise ConfigError("parallel.ep_size > 1 needs model.config.router_jitter_noise=0 (the expert-parallel router has no jitter)")
+        raise ConfigError(
+            "parallel.ep_size > 1 needs model.config.router_jitter_noise=0 (the expert-parallel router has no jitter)"
+        )
     blocks = find_moe_blocks(model)
 
     # DeepSpeed's expert-parallel and expert-data-parallel groups (consecutive ranks form an EP group).
@@ -418,7 +433,9 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertParallel:
     for name, layer in layers.items():
         held = layer.experts.w1.shape[0]
         if held != num_experts // ep_size or layer.ep_size != ep_size:
-            raise AssertionError(f"expert parallelism: '{name}' holds {held} experts, expected {num_experts // ep_size}")
+            raise AssertionError(
+                f"expert parallelism: '{name}' holds {held} experts, expected {num_experts // ep_size}"
+            )
     return ExpertParallel(
         ep_size=ep_size,
         ep_rank=ep_rank,
