@@ -375,6 +375,13 @@ class SFTConfig:
     data_filters: tuple[str, ...] = ()  # names in the data-filter registry, applied in order
     codistill: CodistillConfig | None = None  # set: the loss becomes codistill_loss against this teacher
 
+    def check(self, path: str) -> None:
+        if self.codistill is not None and (self.codistill.targets is not None or self.codistill.teacher is None):
+            raise ConfigError(
+                f"'{path}.codistill': sft codistills from an online teacher; set 'teacher' and drop 'targets' "
+                "(offline targets are read by a stage of type distill)"
+            )
+
 
 STAGE_TYPES: dict[str, type] = {"sft": SFTConfig}
 

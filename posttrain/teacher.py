@@ -114,7 +114,9 @@ def online_targets(teacher: Any, batch: dict[str, torch.Tensor], top_k: int = 0)
     """
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     device = next(teacher.parameters()).device
-    logits = teacher(**{k: v.to(device) for k, v in inputs.items()}).logits[:, :-1, :].float()  # [B, T-1, V]
+    # no KV cache: with one, transformers ignores the position_ids restarts that keep packed rows apart
+    out = teacher(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False)
+    logits = out.logits[:, :-1, :].float()  # [B, T-1, V]
     if top_k <= 0:
         return TeacherTargets(logits=logits)
     values, index = torch.topk(F.log_softmax(logits, dim=-1), k=min(top_k, logits.shape[-1]), dim=-1)

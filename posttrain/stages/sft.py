@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from posttrain.codistill import Codistiller
 from posttrain.config import SFTConfig
 from posttrain.data import Example, collate_packed, collate_padded, iterate_forever, load_rows, tokenize_sft
 from posttrain.evaluate import evaluate
@@ -42,6 +43,8 @@ def run_sft(ctx: StageContext) -> None:
         tracker.log({f"data_filter/{name}/kept": len(ds), f"data_filter/{name}/dropped": before - len(ds)}, step=0)
     max_len = cfg.seq_len if cfg.pack else cfg.data.max_prompt_len + cfg.data.max_completion_len
     examples = tokenize_sft(ds, tokenizer, max_len, where=cfg.data.source)
+    # codistillation: an online teacher turns the loss into codistill_loss (before setup: ZeRO-3 shards the model)
+    codistill = Codistiller.online(cfg.codistill, model, tokenizer, strategy.device, ctx.seed) if cfg.codistill else None
     eval_ds = ctx.eval_set() if cfg.eval_every else None
 
     # ---- engine + resume -------------------------------------------------------------------
@@ -66,7 +69,10 @@ def run_sft(ctx: StageContext) -> None:
         for batch in batches:
             labels = batch.pop("labels")
             logits = strategy.forward(**batch).logits  # [B, T, V]
-            per_token, aux = sft_loss(*shift_for_next_token(logits, labels.to(logits.device)))
+            if codistill is None:
+                per_token, aux = sft_loss(*shift_for_next_token(logits, labels.to(logits.device)))
+            else:
+                per_token, aux = codistill.loss(logits, labels, batch, step, cfg.max_steps)
             loss = aggregate(per_token, aux["mask"], denom)
             strategy.backward(loss)
             strategy.step()
@@ -78,6 +84,8 @@ def run_sft(ctx: StageContext) -> None:
         metrics: dict[str, Any] = {"train/loss": loss_value, "train/lr": strategy.lr, "train/tokens_per_s": denom / elapsed}
         if (norm := strategy.grad_norm()) is not None:
             metrics["train/grad_norm"] = norm
+        if codistill is not None:
+            metrics |= codistill.step_metrics(strategy.world_size)
         if step % ctx.recipe.tracking.log_every == 0 or step == cfg.max_steps:
             tracker.log(metrics, step)
         tracker.advance({"loss": loss_value})
