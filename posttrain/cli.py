@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.config import ConfigError, Recipe, parse_recipe, to_dict
+from posttrain.errors import UserError
 
 
 def recipes_dir() -> Path:
@@ -166,14 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from posttrain.data import DataError
-    from posttrain.pipeline import PipelineError
-    from posttrain.registry import RegistryError
-
     try:
         result = args.func(args, argv) if args.command in ("run", "validate", "recipes") else args.func(args)
         return int(result or 0)
-    except (ConfigError, DataError, PipelineError, RegistryError) as e:
+    except UserError as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

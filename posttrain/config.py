@@ -21,10 +21,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from posttrain.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe that does not fit the schema. The message is one line that says what to fix."""
 
 
@@ -44,7 +46,13 @@ def parse(cls: type[T], data: Any, path: str) -> T:
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{_join(path, close[0])}'?)" if close else f" (valid: {', '.join(fields)})"
+            nested = _find_nested(cls, str(key), path)
+            if close:
+                hint = f" (did you mean '{_join(path, close[0])}'?)"
+            elif nested:
+                hint = f" (did you mean '{nested}'?)"
+            else:
+                hint = f" (valid: {', '.join(fields)})"
             raise ConfigError(f"unknown key '{_join(path, str(key))}'{hint}")
         kwargs[key] = _coerce(hints[key], value, _join(path, key))
     for name, f in fields.items():
@@ -55,6 +63,20 @@ def parse(cls: type[T], data: Any, path: str) -> T:
     if check is not None:
         check(path)
     return obj
+
+
+def _find_nested(cls: type, key: str, path: str, depth: int = 2) -> str | None:
+    """The dotted path of a field called ``key`` inside nested sections (``lr`` -> ``optim.lr``)."""
+    if depth == 0:
+        return None
+    for name, tp in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            if key in {f.name for f in dataclasses.fields(tp)}:
+                return _join(_join(path, name), key)
+            found = _find_nested(tp, key, _join(path, name), depth - 1)  # type: ignore[arg-type]
+            if found:
+                return found
+    return None
 
 
 def _join(path: str, key: str) -> str:
@@ -445,6 +467,7 @@ class RLLossConfig:
     entropy_coef: float = 0.0
     scale_by_std: bool = True  # advantage (r - mean) / (std + adv_eps); False: r - mean
     adv_eps: float = 1e-4
+    log_kl: bool = True  # log KL to the starting model even when kl_coef is 0 (one no-grad forward more)
 
 
 @dataclass(frozen=True)
@@ -474,8 +497,7 @@ class RLConfig:
     max_gen_batches: int = 4  # generation rounds per step before training on what there is
     capability_weights: dict[str, float] = field(default_factory=dict)  # default: data.tasks weights, else equal
     pass_threshold: float = 1.0  # a completion "passes" (pass@k, filter passes) when its reward >= this
-    micro_batch_size: int = 256  # sequences per forward/backward
-    grad_accum: int = 1  # micro-batches per update per rank (the step's sequences are split into this many)
+    grad_accum: int = 1  # micro-batches per update per rank: the step's sequences are split into this many
     eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
     save_every: int = 50
     log_samples_every: int = 10  # rows appended to the rollout table every N steps
@@ -486,8 +508,8 @@ class RLConfig:
             raise ConfigError(f"'{path}': prompts_per_step and max_gen_batches must be >= 1, max_steps >= 0")
         if self.sampling.n < 2:
             raise ConfigError(f"'{path}.sampling.n' must be >= 2 (group-relative advantages need a group), got {self.sampling.n}")
-        if self.grad_accum < 1 or self.micro_batch_size < 1:
-            raise ConfigError(f"'{path}': micro_batch_size and grad_accum must be >= 1")
+        if self.grad_accum < 1:
+            raise ConfigError(f"'{path}.grad_accum' must be >= 1, got {self.grad_accum}")
 
 
 STAGE_TYPES["rl"] = RLConfig

@@ -18,13 +18,14 @@ import datasets
 import torch
 
 from posttrain.config import DataConfig
+from posttrain.errors import UserError
 from posttrain.tasks import tiny_dataset
 
 IGNORE = -100
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset that cannot be used as given; the message names the file/row/column and the fix."""
 
 

@@ -30,6 +30,7 @@ import yaml
 
 from posttrain.config import Recipe, to_dict
 from posttrain.data import check_source, load_rows
+from posttrain.errors import UserError
 from posttrain.evaluate import evaluate
 from posttrain.models import build_model, check_model_path, load_checkpoint
 from posttrain.strategy import Strategy
@@ -44,7 +45,7 @@ STAGE_RUNNERS: dict[str, str] = {
 }
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError):
     """A run that cannot start as asked (the message says what to do)."""
 
 
@@ -100,23 +101,35 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path}: {a!r} -> {b!r}"
 
 
+def _conflict(recipe: Recipe) -> str | None:
+    """Why the run dir cannot simply be (re)used by this recipe, or None."""
+    rd = run_dir(recipe)
+    saved = rd / "recipe.yaml"
+    if not saved.exists():
+        return None
+    if (rd / "DONE").exists():
+        return "is a finished run"
+    diff = _first_difference(yaml.safe_load(saved.read_text()), _comparable(recipe))
+    return f"holds an unfinished run of a different recipe ({diff})" if diff else None
+
+
+def check_run_dir(recipe: Recipe) -> None:
+    """Refuse to clobber a finished run, or resume a run of a different recipe, unless run.overwrite."""
+    why = _conflict(recipe)
+    if why and not recipe.run.overwrite:
+        raise PipelineError(f"{run_dir(recipe)} {why}; pass run.overwrite=true to replace it, or choose another run.name=…")
+
+
 def prepare_run_dir(recipe: Recipe, is_main: bool) -> Path:
-    """Check the run dir against this recipe; refuse to clobber a finished or different run."""
+    check_run_dir(recipe)
     rd = run_dir(recipe)
     saved = rd / "recipe.yaml"
     new = _comparable(recipe)
-    if saved.exists():
-        if (rd / "DONE").exists() or _first_difference(yaml.safe_load(saved.read_text()), new):
-            if not recipe.run.overwrite:
-                why = "is a finished run" if (rd / "DONE").exists() else (
-                    f"holds a run of a different recipe ({_first_difference(yaml.safe_load(saved.read_text()), new)})"
-                )
-                raise PipelineError(f"{rd} {why}; pass run.overwrite=true to replace it, or choose another run.name=…")
-            if is_main:
-                # Keep the old run until the new one finishes: a failed overwrite loses nothing.
-                previous = rd.with_name(rd.name + ".previous")
-                shutil.rmtree(previous, ignore_errors=True)
-                rd.rename(previous)
+    if is_main and _conflict(recipe):
+        # Keep the old run until the new one finishes: a failed overwrite loses nothing.
+        previous = rd.with_name(rd.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        rd.rename(previous)
     if is_main:
         rd.mkdir(parents=True, exist_ok=True)
         saved.write_text(yaml.safe_dump(new, sort_keys=False))
@@ -144,6 +157,7 @@ def preflight(recipe: Recipe) -> None:
 def run_pipeline(recipe: Recipe) -> dict[str, dict[str, float]]:
     """Run (or resume) every stage; returns {row name: held-out metrics} and prints the table."""
     preflight(recipe)
+    check_run_dir(recipe)
     strategy_probe = Strategy(recipe.deepspeed, recipe.parallel, recipe.run.seed)
     is_main = strategy_probe.is_main
     rd = prepare_run_dir(recipe, is_main)

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
+from posttrain.errors import UserError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """An unknown or ambiguous name; the message says what the valid names are."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
