@@ -7,13 +7,14 @@ Each sample needs a ``test`` column (Python source defining ``check(candidate)``
     <test>
     check(<entry_point>)
 
-so a completion may continue the prompt's function (HumanEval style) or give a whole function
-in a fenced block (chat style; it then redefines the prompt's stub). The score is 1.0 when the
+so a completion may continue the prompt's function (HumanEval style) or give a whole function,
+fenced or not (chat style; see ``humaneval_program``). The score is 1.0 when the
 program exits cleanly. Every program runs in its own ``posttrain.sandbox`` process.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,10 @@ def extract_code(completion: str) -> str:
 def humaneval_program(prefix: str, completion: str, test: str, entry_point: str) -> str:
     """The program ``code_exec`` runs for one sample.
 
+    A completion that continues the prefix is appended to it. A completion that defines the entry
+    point itself keeps the prefix in front (its imports and helpers; the stub gets redefined) when
+    the prefix is valid Python on its own, and runs alone otherwise.
+
     >>> print(humaneval_program("def inc(x):\\n", "    return x + 1\\n", "def check(f):\\n    assert f(1) == 2\\n", "inc"))
     def inc(x):
         return x + 1
@@ -50,11 +55,23 @@ def humaneval_program(prefix: str, completion: str, test: str, entry_point: str)
     <BLANKLINE>
     check(inc)
     <BLANKLINE>
+    >>> humaneval_program("def inc(x):\\n", "```python\\ndef inc(x):\\n    return x + 1\\n```", "", "inc").startswith("def inc(x):\\n    return")
+    True
     """
     code = extract_code(completion)
-    if not prefix.endswith("\n") and code.lstrip() != code:
-        prefix += "\n"
-    return f"{prefix}{code}\n\n{test}\n\ncheck({entry_point})\n"
+    if re.search(rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
+        program = f"{prefix}\n{code}" if _parses(prefix) else code
+    else:
+        program = prefix + code
+    return f"{program}\n\n{test}\n\ncheck({entry_point})\n"
+
+
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except SyntaxError:
+        return False
+    return True
 
 
 @reward(

@@ -64,16 +64,16 @@ def judge_engine(judge: str, engine: str = "vllm") -> tuple[Any, threading.Lock]
     key = (str(Path(judge).resolve()), engine)
     with _engines_lock:
         if key not in _engines:
-            from transformers import AutoTokenizer
-
-            from posttrain.config import EngineConfig
-            from posttrain.rollout import make_engine
-
             if not Path(judge).is_dir():
                 raise FileNotFoundError(
                     f"llm_judge: judge model directory {judge!r} does not exist; "
                     "set the reward's kwargs.judge to a Hugging Face checkpoint directory"
                 )
+            from transformers import AutoTokenizer
+
+            from posttrain.config import EngineConfig
+            from posttrain.rollout import make_engine
+
             tokenizer = AutoTokenizer.from_pretrained(judge)
             eng = make_engine(
                 engine, judge, tokenizer, EngineConfig(kind="vllm" if engine == "vllm" else "hf")

@@ -54,8 +54,9 @@ def verify_one(answer: str, completion: str) -> float:
     """Score one completion (runs where ``signal.alarm`` works: a main thread)."""
     from math_verify import parse, verify
 
-    gold = parse(answer) or parse(f"${answer}$")
-    if not gold:
+    delimited = "$" in answer or "\\boxed" in answer
+    gold = parse(answer if delimited else f"${answer}$") or parse(answer)  # a bare "1+x^2" is math, not "1"
+    if not any(not isinstance(g, str) for g in gold):  # only the raw text came back: no math in it
         raise ValueError(
             f"math_verify: cannot parse the reference answer {answer!r}; write it as LaTeX or a number"
         )
