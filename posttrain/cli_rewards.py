@@ -30,7 +30,7 @@ class RewardsCommandError(ValueError):
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``rewards`` (and ``rewards list`` / ``rewards check``) to the ``posttrain`` parser."""
-    p = subparsers.add_parser(
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "rewards", help="list reward plugins; `rewards check NAME --data FILE.jsonl` tries one on samples"
     )
     p.set_defaults(func=cmd_list)

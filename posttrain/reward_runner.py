@@ -30,7 +30,6 @@ Async rewards run on their own event loop in that thread and are cancelled at th
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import math
 import statistics
@@ -54,9 +53,7 @@ _METRIC_OF: dict[Status, str] = {
     "none": "not_applicable",
 }
 RETRY_THREADS = 8  # concurrent one-sample calls when a batch call failed
-_SPEC_DEFAULT_TIMEOUT: float = next(
-    f.default for f in dataclasses.fields(RewardSpec) if f.name == "timeout_s"
-)  # type: ignore[assignment]
+_SPEC_DEFAULT_TIMEOUT = RewardSpec(name="").timeout_s
 
 
 class RewardFailure(RuntimeError):
@@ -174,9 +171,10 @@ class RewardRunner:
         except MissingDependencyError:
             raise
         except Exception as e:
-            failure = ("error", f"{type(e).__name__}: {e}")
+            message = f"{type(e).__name__}: {e}"
             if self.strict:
-                raise RewardFailure(f"reward {r.label!r} raised on a batch of {n}: {failure[1]}") from e
+                raise RewardFailure(f"reward {r.label!r} raised on a batch of {n}: {message}") from e
+            failure = ("error", message)
         if failure is None:
             for i, value in enumerate(result):
                 _set(outcome, i, value)

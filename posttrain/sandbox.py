@@ -35,10 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,11 @@ def _namespaces_work() -> bool:
 
 
 def _run_in(
-    root: Path, code: str, limits: SandboxLimits, files: Mapping[str, str], mode: str
+    root: Path,
+    code: str,
+    limits: SandboxLimits,
+    files: Mapping[str, str],
+    mode: Literal["namespaces", "audit"],
 ) -> SandboxResult:
     os.chmod(root, 0o711)  # the sandbox user may pass through, not list
     work = root / "work"
@@ -174,7 +178,13 @@ def _run_in(
 
 
 def _result(
-    report: str, returncode: int, timed_out: bool, stdout: str, stderr: str, wall: float, mode: str
+    report: str,
+    returncode: int,
+    timed_out: bool,
+    stdout: str,
+    stderr: str,
+    wall: float,
+    mode: Literal["namespaces", "audit"],
 ) -> SandboxResult:
     lines = report.split()
     if "ready" not in lines and not timed_out:
@@ -195,7 +205,7 @@ def _result(
             code = returncode
         cpu_exceeded = code in (-signal.SIGXCPU, -signal.SIGKILL)
         status = "ok" if code == 0 else "timeout" if cpu_exceeded else "error"
-    return SandboxResult(status, code, stdout, stderr, wall, mode)  # type: ignore[arg-type]
+    return SandboxResult(status, code, stdout, stderr, wall, mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,16 +232,16 @@ def _python_dirs() -> list[str]:
     return _outermost(os.path.realpath(d) for d in dirs if os.path.isdir(d))
 
 
-def _outermost(paths: object) -> list[str]:
+def _outermost(paths: Iterable[str]) -> list[str]:
     """Drop paths inside another path of the list."""
     out: list[str] = []
-    for p in sorted(set(paths)):  # type: ignore[call-overload]
+    for p in sorted(set(paths)):
         if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
             out.append(p)
     return out
 
 
-def _filesystem_plan() -> dict[str, list[tuple[str, object]]]:
+def _filesystem_plan() -> dict[str, Any]:
     """Which directories to cover with an empty tmpfs (namespaces mode), and which to bind back.
 
     Scratch directories are covered (the host's temporary files stay invisible), and so is the
@@ -253,7 +263,7 @@ def _filesystem_plan() -> dict[str, list[tuple[str, object]]]:
                 cover.setdefault(ancestor, "755")
                 break
     covers = sorted(_outermost(cover), key=len)
-    return {"cover": [(c, cover[c]) for c in covers], "reveal": python}  # type: ignore[dict-item]
+    return {"cover": [(c, cover[c]) for c in covers], "reveal": python}
 
 
 def _kill_group(pgid: int) -> None:
@@ -304,9 +314,9 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def _head(f: object, n: int) -> str:
-    f.seek(0)  # type: ignore[attr-defined]
-    return f.read(n).decode(errors="replace")  # type: ignore[attr-defined,no-any-return]
+def _head(f: BinaryIO, n: int) -> str:
+    f.seek(0)
+    return f.read(n).decode(errors="replace")
 
 
 def _remove_tree(path: str) -> None:
