@@ -258,7 +258,9 @@ class ExpertParallel:
                 out[f"ep/L{i}/max_load"] = float(row.max()) / mean
                 out[f"ep/L{i}/min_load"] = float(row.min()) / mean
             del name
-        out["ep/routed_tokens"] = float(counts.sum())
+        out["ep/routed_tokens"] = float(counts.sum()) / max(
+            1, counts.shape[0]
+        )  # token-expert assignments per layer
         out["ep/dropped_tokens"] = 0.0  # dropless dispatch: every routed token reaches its expert
         a2a = torch.tensor([_a2a_elapsed_ms()], dtype=torch.float64)
         torch.distributed.all_reduce(a2a)

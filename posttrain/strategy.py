@@ -75,6 +75,7 @@ class Strategy:
         self.world_size = torch.distributed.get_world_size()
         self.is_main = self.rank == 0
         self.engine: Any = None
+        self.ep: Any = None  # posttrain.moe.ExpertParallel when parallel.ep_size > 1
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
     # ---------------------------------------------------------------------------------------------
@@ -107,23 +108,35 @@ class Strategy:
     ) -> Any:
         import deepspeed
 
+        config = self.ds_config(micro_batch_size, grad_accum)
+        if self.parallel.ep_size > 1:  # each rank keeps its share of the routed experts (posttrain.moe)
+            from posttrain import moe
+
+            self.ep = moe.apply_expert_parallel(model, self.parallel.ep_size)
+            config = {**self.ep.ds_config(), **config}
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"name": "decay", "params": decay, "weight_decay": optim.weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        ]
+        if self.ep is not None:
+            groups = moe.moe_param_groups(groups)  # expert grads reduce over the expert-data-parallel group
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))  # type: ignore[arg-type]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=self.ds_config(micro_batch_size, grad_accum),
-        )
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         return self.engine
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
+
+    @property
+    def model_is_sharded(self) -> bool:
+        """True when no rank holds the whole model (ZeRO-3 or expert parallelism): a forward pass then
+        needs every rank, so single-rank work (evaluation) must use ``full_state_dict()`` instead."""
+        return self.ds.zero_stage == 3 or self.ep is not None
 
     # ---------------------------------------------------------------------------------------------
     # training
@@ -147,6 +160,11 @@ class Strategy:
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    def ep_metrics(self) -> dict[str, float]:
+        """Expert-parallel load balance and all-to-all time since the last call; {} without EP.
+        Collective under EP: every rank calls it at the same steps."""
+        return {} if self.ep is None else self.ep.metrics()
 
     def all_reduce_sum(self, x: float | torch.Tensor) -> float:
         t = torch.as_tensor(x, dtype=torch.float64).clone()
@@ -195,14 +213,17 @@ class Strategy:
     # export
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Consolidated model weights on every rank (ZeRO-3 parameters are gathered)."""
+        """Consolidated model weights in HF names on every rank (ZeRO-3 parameters gathered, expert-parallel
+        experts gathered from their ranks). Collective under ZeRO-3 or EP: every rank calls it."""
         if self.ds.zero_stage == 3:
             import deepspeed
 
             params = list(self.engine.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().clone().cpu() for k, v in self.engine.module.state_dict().items()}
-        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+                state = {k: v.detach().clone().cpu() for k, v in self.engine.module.state_dict().items()}
+        else:
+            state = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+        return state if self.ep is None else self.ep.hf_state_dict(state)
 
     def export_hf(self, directory: str | Path, tokenizer: Any) -> None:
         """A Hugging Face checkpoint (``save_pretrained``) written atomically by rank 0."""

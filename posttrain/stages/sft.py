@@ -87,7 +87,7 @@ def run_sft(ctx: StageContext) -> None:
         if codistill is not None:
             metrics |= codistill.step_metrics(strategy.world_size)
         if step % ctx.recipe.tracking.log_every == 0 or step == cfg.max_steps:
-            tracker.log(metrics, step)
+            tracker.log(metrics | strategy.ep_metrics(), step)  # ep_metrics: collective, {} without EP
         tracker.advance({"loss": loss_value})
 
         if eval_ds is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
@@ -105,9 +105,9 @@ def _collate(examples: list[Example], micro: list[list[int]], cfg: SFTConfig, pa
 
 
 def _periodic_eval(ctx: StageContext, tokenizer: Any, eval_ds: Any, step: int) -> None:
-    """Held-out greedy/sampled pass@1 of the current weights, on rank 0 (ZeRO-3 weights gathered)."""
+    """Held-out greedy/sampled pass@1 of the current weights, on rank 0 (ZeRO-3 / expert-parallel weights gathered)."""
     strategy = ctx.strategy
-    if strategy.ds.zero_stage == 3:
+    if strategy.model_is_sharded:
         state = strategy.full_state_dict()
         if not strategy.is_main:
             return
