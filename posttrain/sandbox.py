@@ -6,8 +6,8 @@
     'timeout'
 
 Every call gets a fresh temporary working directory (deleted afterwards) and a new process
-session with wall-clock, CPU, memory, file-size and process-count limits. On timeout the whole
-process tree is killed. Two isolation modes (see ``posttrain/sandbox_child.py`` for the details):
+session with wall-clock, CPU, memory, file-size and process-count limits; as root, a memory cgroup
+also caps the whole process tree. On timeout the whole process tree is killed. Two isolation modes (see ``posttrain/sandbox_child.py`` for the details):
 
 - ``namespaces`` (root on Linux; what ``auto`` picks when it works): no network (an empty network
   namespace), a read-only view of the filesystem with /tmp and friends replaced by empty tmpfs
@@ -57,6 +57,7 @@ class SandboxLimits:
     timeout_s: float = 10.0  # wall clock for the whole process tree
     cpu_s: int = 10  # CPU seconds per process (RLIMIT_CPU)
     memory_mb: int = 512  # address space per process (RLIMIT_AS)
+    total_memory_mb: int = 1024  # memory of the whole process tree (a memory cgroup, where one can be made)
     max_procs: int = 16  # processes + threads of the sandbox user (namespaces mode; audit mode allows 1)
     max_file_mb: int = 16  # largest file the program may write, stdout and stderr included
     max_files: int = 64  # files the program may create (audit mode; namespaces mode caps disk_mb)
@@ -67,12 +68,13 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    status: Literal["ok", "error", "timeout"]  # ok: exit 0; timeout: wall clock or CPU limit
+    status: Literal["ok", "error", "timeout"]  # ok: exit 0; timeout: wall clock or CPU limit; else error
     returncode: int | None  # exit code, -N if killed by signal N, None if the host killed it
     stdout: str  # first max_output_bytes, decoded with replacement
     stderr: str
     wall_s: float
     isolation: Literal["namespaces", "audit"]
+    peak_memory_mb: float | None = None  # of the whole process tree; None without a memory cgroup
 
 
 def run_python(
@@ -126,12 +128,14 @@ def _run_in(
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     uid = secrets.randbelow(1_000_000_000) + 1_000_000  # one fresh uid per run: its own process count
+    cgroup = MemoryCgroup.create(f"posttrain-sandbox-{uid}", limits.total_memory_mb)
     report_r, report_w = os.pipe()
     cfg = {
         "mode": mode,
         "workdir": str(work),
         "program": "main.py",
         "uid": uid,
+        "cgroup": str(cgroup.path) if cgroup else None,
         "limits": {
             "cpu_s": limits.cpu_s,
             "memory_mb": limits.memory_mb,
@@ -146,35 +150,40 @@ def _run_in(
         "report_fd": report_w,
         **_filesystem_plan(),
     }
-    with open(root / "stdout", "w+b") as out, open(root / "stderr", "w+b") as err:
-        start = time.perf_counter()
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", _CHILD, json.dumps(cfg)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                pass_fds=(report_w,),
-                start_new_session=True,
-                cwd=work,
-                env=_program_env(work, mode),
-            )
-        finally:
-            os.close(report_w)
-        timed_out = False
-        try:
-            proc.wait(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            _kill_group(proc.pid)  # safe: the leader is not reaped yet, so its pgid is still ours
-            proc.wait()
-        wall = time.perf_counter() - start
-        if timed_out and mode == "namespaces":
-            _wait_until_gone(uid)
-        report = _read_all(report_r)
-        stdout, stderr = _head(out, limits.max_output_bytes), _head(err, limits.max_output_bytes)
-    return _result(report, proc.returncode, timed_out, stdout, stderr, wall, mode)
+    try:
+        with open(root / "stdout", "w+b") as out, open(root / "stderr", "w+b") as err:
+            start = time.perf_counter()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", _CHILD, json.dumps(cfg)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=(report_w,),
+                    start_new_session=True,
+                    cwd=work,
+                    env=_program_env(work, mode),
+                )
+            finally:
+                os.close(report_w)
+            timed_out = False
+            try:
+                proc.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                _kill_group(proc.pid)  # safe: the leader is not reaped yet, so its pgid is still ours
+                proc.wait()
+            wall = time.perf_counter() - start
+            if timed_out and mode == "namespaces":
+                _wait_until_gone(uid)
+            report = _read_all(report_r)
+            stdout, stderr = _head(out, limits.max_output_bytes), _head(err, limits.max_output_bytes)
+        peak = cgroup.peak_mb() if cgroup else None
+    finally:
+        if cgroup:
+            cgroup.remove()
+    return _result(report, proc.returncode, timed_out, stdout, stderr, wall, mode, peak)
 
 
 def _result(
@@ -185,6 +194,7 @@ def _result(
     stderr: str,
     wall: float,
     mode: Literal["namespaces", "audit"],
+    peak_mb: float | None,
 ) -> SandboxResult:
     lines = report.split()
     if "ready" not in lines and not timed_out:
@@ -203,13 +213,95 @@ def _result(
             code = -value if kind == "signal" else value
         else:
             code = returncode
-        cpu_exceeded = code in (-signal.SIGXCPU, -signal.SIGKILL)
-        status = "ok" if code == 0 else "timeout" if cpu_exceeded else "error"
-    return SandboxResult(status, code, stdout, stderr, wall, mode)
+        status = "ok" if code == 0 else "timeout" if code == -signal.SIGXCPU else "error"
+    return SandboxResult(status, code, stdout, stderr, wall, mode, peak_mb)
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+@dataclass(frozen=True)
+class MemoryCgroup:
+    """A memory cgroup for one run, under this process's own (cgroup v1 or v2).
+
+    It caps the memory of the whole process tree (per-process RLIMIT_AS alone would allow
+    ``max_procs`` times ``memory_mb``). The sandbox's bootstrap joins it before it starts anything,
+    so every process of the run is inside. Made only as root, where the hierarchy allows it.
+    """
+
+    path: Path
+    version: Literal[1, 2]
+
+    @staticmethod
+    def create(name: str, limit_mb: int) -> MemoryCgroup | None:
+        if os.geteuid() != 0:
+            return None
+        found = _own_memory_cgroup()
+        if found is None:
+            return None
+        base, version = found
+        path = base / name
+        try:
+            path.mkdir()
+        except OSError as e:
+            log.debug("sandbox: no memory cgroup (%s)", e)
+            return None
+        cg = MemoryCgroup(path, version)
+        limit = str(limit_mb << 20)
+        try:
+            if version == 1:
+                (path / "memory.limit_in_bytes").write_text(limit)
+                if (path / "memory.memsw.limit_in_bytes").exists():  # no escape into swap
+                    (path / "memory.memsw.limit_in_bytes").write_text(limit)
+            else:
+                (path / "memory.max").write_text(limit)
+                if (path / "memory.swap.max").exists():
+                    (path / "memory.swap.max").write_text("0")
+        except OSError:
+            cg.remove()
+            raise
+        return cg
+
+    def peak_mb(self) -> float | None:
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        f = self.path / name
+        return int(f.read_text()) / 2**20 if f.exists() else None
+
+    def remove(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:  # EBUSY while the last processes exit
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"cannot remove sandbox cgroup {self.path}: {e}") from None
+                time.sleep(0.01)
+
+
+def _own_memory_cgroup() -> tuple[Path, Literal[1, 2]] | None:
+    """Where this process's memory cgroup is, if it can hold a child cgroup with a memory limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _hid, controllers, rel = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+            if (base / "memory.limit_in_bytes").exists() and os.access(base, os.W_OK):
+                return base, 1
+    for line in lines:
+        _hid, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            base = Path("/sys/fs/cgroup") / rel.lstrip("/")
+            control = base / "cgroup.subtree_control"
+            if control.exists() and "memory" in control.read_text().split() and os.access(base, os.W_OK):
+                return base, 2
+    return None
 
 
 def _program_env(work: Path, mode: str) -> dict[str, str]:

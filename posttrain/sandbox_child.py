@@ -157,12 +157,13 @@ def _init(cfg: dict, report: int) -> int:
         child = os.fork()
         if child == 0:
             try:
+                _set_oom_score(1000)  # out of memory: the kernel kills the program first, not its reaper
                 _drop_privileges(cfg["uid"])
                 _set_limits(cfg["limits"], nproc=True)
                 _send(report, "ready")
                 os.close(report)
             except BaseException as e:
-                print(f"posttrain sandbox: setup failed: {e!r}", file=sys.stderr)
+                print(f"posttrain sandbox: setup failed: {e!r}\n{traceback.format_exc()}", file=sys.stderr)
                 os._exit(125)
             _run_program(cfg)
         while True:
@@ -171,8 +172,13 @@ def _init(cfg: dict, report: int) -> int:
                 _send(report, _status_of(wait_status))
                 return 0
     except BaseException as e:
-        print(f"posttrain sandbox: setup failed: {e!r}", file=sys.stderr)
+        print(f"posttrain sandbox: setup failed: {e!r}\n{traceback.format_exc()}", file=sys.stderr)
         return 125
+
+
+def _set_oom_score(score: int) -> None:
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(score))
 
 
 def _drop_privileges(uid: int) -> None:
@@ -324,11 +330,14 @@ def main() -> int:
     report = cfg["report_fd"]
     try:
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")  # host gone -> die
+        if cfg["cgroup"]:  # join before starting anything: every process of the run is inside
+            with open(os.path.join(cfg["cgroup"], "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
         if cfg["mode"] == "namespaces":
             return _namespaces(cfg, report)
         return _audit(cfg, report)
     except Exception as e:
-        print(f"posttrain sandbox: setup failed: {e!r}", file=sys.stderr)
+        print(f"posttrain sandbox: setup failed: {e!r}\n{traceback.format_exc()}", file=sys.stderr)
         return 125
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.sandbox import SandboxLimits, SandboxResult, run_python
+from posttrain.sandbox import MemoryCgroup, SandboxLimits, SandboxResult, run_python
 
 MODES = [
     pytest.param(
@@ -62,7 +62,7 @@ def test_input_files_must_stay_in_the_working_directory() -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_cpu_and_wall_clock_limits(mode: str) -> None:
     spin = run_python("while True: pass", SandboxLimits(timeout_s=20, cpu_s=1), isolation=mode)
-    assert spin.status == "timeout" and spin.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+    assert spin.status == "timeout" and spin.returncode == -signal.SIGXCPU
     assert spin.wall_s < 10  # the CPU limit ended it, not the 20 s wall clock
 
     sleep = run_python("import time\ntime.sleep(60)", SandboxLimits(timeout_s=1), isolation=mode)
@@ -148,6 +148,11 @@ def hostile_snippets(h: Host, mode: str) -> dict[str, str]:
         "infinite loop": "while True: pass",
         "sleep forever": "import time\ntime.sleep(10**6)",
         "memory bomb": "x = []\nwhile True:\n    x.append(bytearray(10**7))",
+        "memory bomb in many processes": (
+            "import os, time\nfor _ in range(8):\n    if os.fork() == 0:\n        x = bytearray(200 * 2**20)\n"
+            "        for i in range(0, len(x), 4096):\n            x[i] = 1\n        time.sleep(100)\n"
+            "time.sleep(100)"
+        ),
         "thread bomb": "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(100,)).start()",
         "write outside (venv)": f"open('{venv}/pwned-{mark}', 'w').write('x')\nprint('ESCAPED')",
         "write host /tmp": f"open('/tmp/pwned-{mark}', 'w').write('x')",
@@ -228,7 +233,7 @@ def test_hostile_snippets_are_contained_and_the_host_is_unharmed(mode: str, host
         assert probe.status == "ok" and int(probe.stdout.split()[1]) >= SANDBOX_UID_MIN, probe
     snippets = hostile_snippets(host, mode)
     assert len(snippets) >= 15
-    limits = SandboxLimits(timeout_s=3, cpu_s=2, memory_mb=256, max_file_mb=4)
+    limits = SandboxLimits(timeout_s=3, cpu_s=2, memory_mb=256, total_memory_mb=512, max_file_mb=4)
     fds_before = len(os.listdir("/proc/self/fd"))
     workdirs_before = set(Path("/tmp").glob("posttrain-sandbox-*"))
 
@@ -245,6 +250,8 @@ def test_hostile_snippets_are_contained_and_the_host_is_unharmed(mode: str, host
         assert len(r.stdout) <= limits.max_output_bytes and len(r.stderr) <= limits.max_output_bytes
         assert r.wall_s < limits.timeout_s + 10, f"{name}: ran {r.wall_s:.1f} s"
         assert r.isolation == mode
+        if r.peak_memory_mb is not None:  # a memory cgroup held the whole process tree
+            assert r.peak_memory_mb <= limits.total_memory_mb, f"{name}: {r.peak_memory_mb} MiB"
     for name in ("fork bomb", "infinite loop", "sleep forever"):
         assert results[name].status == "timeout", (name, results[name])
     assert results["memory bomb"].status in ("error", "timeout")
@@ -266,6 +273,29 @@ def test_hostile_snippets_are_contained_and_the_host_is_unharmed(mode: str, host
     assert (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 2**20
     )  # KiB: huge output never reached memory
+
+
+def test_memory_of_the_whole_process_tree_is_capped() -> None:
+    """Four children of 200 MiB each fit the per-process limit (256 MiB) but not the tree's (512 MiB)."""
+    probe = MemoryCgroup.create(f"posttrain-sandbox-probe-{os.getpid()}", 64)
+    if probe is None:
+        pytest.skip(
+            "no memory cgroup can be made here (needs root and a writable hierarchy): per-process limits only"
+        )
+    probe.remove()
+    code = (
+        "import os, time\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+        "        x = bytearray(200 * 2**20)\n        for i in range(0, len(x), 4096):\n            x[i] = 1\n"
+        "        time.sleep(1)\n        os._exit(0)\n    kids.append(pid)\n"
+        "print(sum(os.WIFSIGNALED(os.waitpid(pid, 0)[1]) for pid in kids), 'killed')"
+    )
+    r = run_python(
+        code, SandboxLimits(timeout_s=30, memory_mb=256, total_memory_mb=512), isolation="namespaces"
+    )
+    assert r.status == "ok", r.stderr
+    killed = int(r.stdout.split()[0])
+    assert 1 <= killed <= 3, r  # the kernel killed children to stay under the cap, not the program
+    assert r.peak_memory_mb is not None and r.peak_memory_mb <= 512
 
 
 def test_namespaces_mode_sees_no_host_processes_and_an_empty_tmp() -> None:
