@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="recipe=NAME, then Hydra overrides key=value")
         p.set_defaults(func=fn)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
+    from posttrain import cli_rewards
+
+    cli_rewards.add_subparser(sub)
     return parser
 
 
