@@ -54,6 +54,11 @@ def parse(cls: type[T], data: Any, path: str) -> T:
             else:
                 hint = f" (valid: {', '.join(fields)})"
             raise ConfigError(f"unknown key '{_join(path, str(key))}'{hint}")
+        base = _default(fields[key])
+        if dataclasses.is_dataclass(base) and isinstance(value, dict):
+            # A partial section overrides the field's own default instance, not the class defaults
+            # (RL's optimizer defaults differ from OptimConfig's, for instance).
+            value = _deep_merge(to_dict(base), value)
         kwargs[key] = _coerce(hints[key], value, _join(path, key))
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -63,6 +68,21 @@ def parse(cls: type[T], data: Any, path: str) -> T:
     if check is not None:
         check(path)
     return obj
+
+
+def _default(f: Any) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _find_nested(cls: type, key: str, path: str, depth: int = 2) -> str | None:
@@ -521,9 +541,9 @@ STAGE_TYPES["rl"] = RLConfig
 
 @dataclass(frozen=True)
 class Recipe:
+    model: ModelConfig  # required: pick a model group (model=tiny_llama4) or set model.name_or_path
     description: str = ""
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="llama"))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -80,3 +80,18 @@ def test_cli_validate_and_recipes(capsys):
     assert main(["validate", "recipe=quickstart", "stages.warmup.lr=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("posttrain: error: unknown key 'stages.warmup.lr'")
+
+
+def test_partial_section_keeps_the_fields_own_defaults():
+    """RL's optimizer defaults (lr 1e-4, constant) differ from OptimConfig's; setting only lr keeps the rest."""
+    from posttrain.config import RLConfig
+
+    rl = parse(RLConfig, {"optim": {"lr": 2e-4}}, "stages.rl")
+    assert rl.optim.lr == 2e-4 and rl.optim.schedule == "constant" and rl.optim.betas == (0.9, 0.99)
+
+
+def test_recipe_without_model_is_an_error(tmp_path):
+    f = tmp_path / "nomodel.yaml"
+    f.write_text("stages:\n  a: {type: sft}\n")
+    with pytest.raises(ConfigError, match="missing required key 'model'"):
+        compose(str(f), [])
