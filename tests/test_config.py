@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from posttrain.cli import compose, list_recipes, main, recipes_dir
 from posttrain.config import ConfigError, ModelConfig, OptimConfig, parse
@@ -20,7 +21,8 @@ def test_every_group_option_composes(group):
     for option in sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml")):
         recipe = compose("quickstart", [f"{group}={option}"])
         if group == "deepspeed":
-            assert recipe.deepspeed.zero_stage == int(option[-1])
+            expected = yaml.safe_load((recipes_dir() / group / f"{option}.yaml").read_text())
+            assert recipe.deepspeed.zero_stage == expected["zero_stage"] and recipe.deepspeed.bf16 == expected["bf16"]
         else:
             assert recipe.model.arch is not None or recipe.model.name_or_path is not None
 
