@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from posttrain.plugins import reward
-from posttrain.sandbox import SandboxLimits, SandboxResult, run_python
+from posttrain.sandbox import Isolation, SandboxLimits, SandboxResult, run_python
 
 _FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -88,6 +88,7 @@ def code_exec(
     timeout_s: float = 10.0,
     memory_mb: int = 512,
     workers: int = 2,
+    isolation: Isolation = "auto",
     **_: object,
 ) -> list[float | None]:
     """1.0 when the sample's tests pass, 0.0 when they fail; ``None`` where ``test`` is empty.
@@ -103,6 +104,8 @@ def code_exec(
             prefix = code_prefix[i] if code_prefix is not None else prompt
             jobs[i] = humaneval_program(prefix, completion, str(test[i]), str(entry_point[i]))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        results: list[SandboxResult] = list(ex.map(lambda code: run_python(code, limits), jobs.values()))
+        results: list[SandboxResult] = list(
+            ex.map(lambda code: run_python(code, limits, isolation=isolation), jobs.values())
+        )
     passed = dict(zip(jobs, (1.0 if r.status == "ok" else 0.0 for r in results), strict=True))
     return [passed.get(i) for i in range(len(prompts))]
