@@ -64,6 +64,7 @@ def run_sft(ctx: StageContext) -> None:
         batches = [_collate(examples, mb, cfg, tokenizer.pad_token_id) for mb in mine]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         denom = strategy.all_reduce_sum(local_tokens)  # loss tokens in the whole optimizer step
+        seen = strategy.all_reduce_sum(sum(int((b["input_ids"] != tokenizer.pad_token_id).sum()) for b in batches))
 
         loss_sum = 0.0
         for batch in batches:
@@ -81,7 +82,7 @@ def run_sft(ctx: StageContext) -> None:
 
         loss_value = strategy.all_reduce_sum(loss_sum)  # token-mean NLL of the step
         elapsed = time.perf_counter() - t0
-        metrics: dict[str, Any] = {"train/loss": loss_value, "train/lr": strategy.lr, "train/tokens_per_s": denom / elapsed}
+        metrics: dict[str, Any] = {"train/loss": loss_value, "train/lr": strategy.lr, "train/tokens_per_s": seen / elapsed}
         if (norm := strategy.grad_norm()) is not None:
             metrics["train/grad_norm"] = norm
         if codistill is not None:
