@@ -506,8 +506,6 @@ class RLConfig:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: RLLossConfig = field(default_factory=RLLossConfig)
-    # The measured optimizer. A recipe's ``optim:`` section starts from OptimConfig's own defaults
-    # (lr 3e-3, cosine), so an RL recipe that sets optim should spell out every key it relies on.
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=10, schedule="constant")
     )
@@ -517,7 +515,9 @@ class RLConfig:
     max_gen_batches: int = 4  # generation rounds per step before training on what there is
     capability_weights: dict[str, float] = field(default_factory=dict)  # default: data.tasks weights, else equal
     pass_threshold: float = 1.0  # a completion "passes" (pass@k, filter passes) when its reward >= this
-    grad_accum: int = 1  # micro-batches per update per rank: the step's sequences are split into this many
+    # Sequences per forward/backward per rank. The update of one step runs
+    # ceil(prompts_per_step * sampling.n / (ranks * micro_batch_size)) micro-batches on every rank.
+    micro_batch_size: int = 256
     eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
     save_every: int = 50
     log_samples_every: int = 10  # rows appended to the rollout table every N steps
@@ -528,8 +528,8 @@ class RLConfig:
             raise ConfigError(f"'{path}': prompts_per_step and max_gen_batches must be >= 1, max_steps >= 0")
         if self.sampling.n < 2:
             raise ConfigError(f"'{path}.sampling.n' must be >= 2 (group-relative advantages need a group), got {self.sampling.n}")
-        if self.grad_accum < 1:
-            raise ConfigError(f"'{path}.grad_accum' must be >= 1, got {self.grad_accum}")
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"'{path}.micro_batch_size' must be >= 1, got {self.micro_batch_size}")
 
 
 STAGE_TYPES["rl"] = RLConfig

@@ -1,0 +1,545 @@
+"""Online RL: one readable loop.
+
+prompts (capability-stratified; from a curriculum pool or the whole train set)
+  -> vLLM rollouts, ``sampling.n`` per prompt -> rewards -> group advantages
+  -> drop zero-advantage groups and generate more, until ``prompts_per_step`` informative groups or
+     ``max_gen_batches`` rounds (then train on what there is) -> clipped policy-gradient update,
+     aggregated over the step's completion tokens -> weight sync into the running vLLM engine.
+Every ``curriculum.refilter_every`` steps a filter pass samples the pool with the current policy and
+keeps the medium-to-hard prompts (posttrain/curriculum.py).
+
+Zero-advantage groups never reach the update: their sequences are not collated, not forwarded, and
+not counted in the loss denominator. Completions whose reward is ``None`` are left out the same way.
+
+Data parallelism: every rank draws the same prompts (same sampler state) and generates its share
+(``uids[rank::world]``); per-prompt results are summed across ranks, so the pool, the sampler and
+the choice of kept groups are identical everywhere, and each rank trains on its own kept groups.
+
+Bad input is counted, never fatal: prompts longer than ``data.max_prompt_len`` (or the context) are
+skipped at load (``data/skipped_long_prompts``, with the row numbers in the log), empty completions
+are scored like any other (``rollout/empty_completions``), and ``None`` rewards are counted
+(``reward/none``) and ignored by the advantages.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.advantages import group_advantages, rewards_tensor
+from posttrain.config import RLConfig
+from posttrain.curriculum import PoolSettings, PromptPool, StratifiedSampler, pass_at_k
+from posttrain.data import load_rows, prompt_text
+from posttrain.evaluate import evaluate
+from posttrain.losses import aggregate, entropy_from_logits, grpo_loss, token_logprobs
+from posttrain.pipeline import StageContext
+from posttrain.reward_runner import RewardRunner
+from posttrain.rollout import RolloutEngine, make_engine
+from posttrain.strategy import write_hf_checkpoint
+from posttrain.types import RolloutGroup, Sample
+
+log = logging.getLogger(__name__)
+
+
+def run_rl(ctx: StageContext) -> None:
+    cfg: RLConfig = ctx.cfg
+    strategy, tracker = ctx.strategy, ctx.tracker
+    torch.manual_seed(ctx.seed)
+    model, tokenizer = ctx.load_model()
+    reference = _frozen_copy(model) if cfg.loss.kl_coef > 0 or cfg.loss.log_kl else None
+
+    # ---- prompts, curriculum, rewards ------------------------------------------------------
+    context = int(cfg.engine.max_model_len or model.config.max_position_embeddings)
+    samples, skipped = load_prompts(cfg, tokenizer, ctx.seed, context)
+    by_uid = {s.uid: s for s in samples}
+    pool = PromptPool(samples, _pool_settings(cfg, ctx.seed)) if cfg.curriculum.enabled else None
+    everything = _by_capability(samples)
+    sampler = StratifiedSampler(_capability_weights(cfg), seed=ctx.seed)
+    runner = RewardRunner(cfg.rewards)
+    eval_ds = ctx.eval_set() if cfg.eval_every else None
+
+    # ---- engines + resume ------------------------------------------------------------------
+    grad_accum = micro_batches_per_step(cfg, strategy.world_size)
+    strategy.setup(model, cfg.optim, cfg.max_steps, cfg.micro_batch_size, grad_accum)
+    state = strategy.load_state(ctx.state_dir) or {}
+    step = int(state.get("step", 0))
+    totals: dict[str, float] = dict(state.get("totals", {}))
+    if pool is not None and "pool" in state:
+        pool.load_state_dict(state["pool"])
+    if "sampler" in state:
+        sampler.load_state_dict(state["sampler"])
+    tracker.resume_at(step)
+    engine = _start_engine(ctx, cfg, tokenizer, resumed=step > 0)
+    if step == 0:
+        tracker.log({"data/prompts": len(samples), "data/skipped_long_prompts": skipped}, step=0)
+    tracker.progress(cfg.max_steps, step, desc=f"{ctx.name} (rl)")
+
+    # ---- loop ------------------------------------------------------------------------------
+    while step < cfg.max_steps:
+        metrics: dict[str, Any] = {}
+        if pool is not None and cfg.curriculum.refilter_every and step % cfg.curriculum.refilter_every == 0:
+            metrics |= filter_pass(pool, engine, runner, cfg, strategy, step, ctx.seed)
+
+        t0 = time.perf_counter()
+        draw = pool.trainable_by_capability if pool is not None else (lambda: everything)
+        batch = collect_groups(draw, by_uid, sampler, engine, runner, cfg, strategy, step, ctx.seed)
+        if pool is not None:
+            for uid, (n, c) in batch.outcomes.items():
+                pool.observe(uid, n, c, step)
+            pool.refill()
+        metrics |= batch.metrics
+        metrics["time/rollout_s"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        metrics |= policy_update(strategy, batch.kept, cfg, grad_accum, tokenizer.pad_token_id, reference)
+        metrics["time/update_s"] = time.perf_counter() - t1
+        metrics["train/tokens_per_s"] = metrics.pop("_model_tokens", 0.0) / metrics["time/update_s"]
+        if "train/skipped" not in metrics:
+            engine.sync_weights(strategy.full_state_dict())
+            metrics["rollout/sync_seconds"] = engine.metrics()["rollout/sync_seconds"]
+        step += 1
+
+        for key in ("rollouts", "groups", "groups_zero_adv", "skipped_updates"):
+            totals[key] = totals.get(key, 0.0) + metrics.pop(f"_count/{key}", 0.0)
+        metrics |= {f"total/{k}": v for k, v in totals.items()}
+        if pool is not None:
+            metrics |= pool.metrics(step)
+        metrics["time/step_s"] = time.perf_counter() - t0
+        tracker.log(metrics, step)
+        if cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == 1):
+            tracker.table("rollouts", sample_rows(batch.kept or batch.dropped, cfg.samples_per_log), step)
+        tracker.advance({"reward": metrics.get("reward/mean", float("nan")), "groups": batch.kept_global})
+
+        if eval_ds is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            _periodic_eval(ctx, tokenizer, eval_ds, step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            client: dict[str, Any] = {"step": step, "totals": totals, "sampler": sampler.state_dict()}
+            if pool is not None:
+                client["pool"] = pool.state_dict()
+            strategy.save_state(ctx.state_dir, client)
+
+    engine.close()
+    strategy.export_hf(ctx.checkpoint_dir, tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def load_prompts(cfg: RLConfig, tokenizer: Any, seed: int, context: int) -> tuple[list[Sample], int]:
+    """Train rows -> Samples (uid = row number). Prompts longer than ``data.max_prompt_len`` tokens,
+    or leaving no room for ``sampling.max_tokens`` in the context, are skipped and counted."""
+    ds = load_rows(cfg.data, "train", seed, required=["prompt"])
+    prompts = [str(p) for p in ds["prompt"]]
+    lengths = [len(ids) for ids in tokenizer([prompt_text(tokenizer, p) for p in prompts], add_special_tokens=False).input_ids]
+    limit = min(cfg.data.max_prompt_len, context - cfg.sampling.max_tokens)
+    columns = [c for c in ds.column_names if c != "prompt"]
+    values = {c: ds[c] for c in columns}
+    samples, too_long = [], []
+    for i, (prompt, n_tok) in enumerate(zip(prompts, lengths, strict=True)):
+        if n_tok > limit:
+            too_long.append(i)
+            continue
+        samples.append(Sample(prompt=prompt, columns={c: values[c][i] for c in columns}, uid=str(i)))
+    if too_long:
+        rows = ", ".join(map(str, too_long[:10])) + (" …" if len(too_long) > 10 else "")
+        log.warning(
+            "%s: skipped %d prompt(s) longer than %d tokens after the chat template (rows %s); raise "
+            "data.max_prompt_len (and the model context) or shorten them",
+            cfg.data.source, len(too_long), limit, rows,
+        )
+    if not samples:
+        raise ValueError(f"{cfg.data.source}: no prompt fits in {limit} tokens; raise data.max_prompt_len")
+    return samples, len(too_long)
+
+
+def _by_capability(samples: list[Sample]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for s in samples:
+        out[str(s.columns.get("capability", "default"))].append(s.uid)
+    return dict(out)
+
+
+def _capability_weights(cfg: RLConfig) -> dict[str, float]:
+    if cfg.capability_weights:
+        return dict(cfg.capability_weights)
+    return {name: task.weight for name, task in cfg.data.tasks.items()}
+
+
+def _pool_settings(cfg: RLConfig, seed: int) -> PoolSettings:
+    c = cfg.curriculum
+    lo, hi = c.band
+    final = (c.band_final[0], c.band_final[1]) if c.band_final is not None else None
+    return PoolSettings(
+        capacity=c.pool_size, band=(lo, hi), band_final=final, band_steps=c.band_steps,
+        retire_after=c.retire_after, backlog_recheck_every=c.backlog_recheck_every, seed=seed,
+    )
+
+
+def _start_engine(ctx: StageContext, cfg: RLConfig, tokenizer: Any, resumed: bool) -> RolloutEngine:
+    """The rollout engine on the starting checkpoint; a resumed stage then receives the trained weights."""
+    source = ctx.input_dir
+    if source is None:  # the recipe's first stage: hand the freshly built model to the engine
+        source = ctx.stage_dir / "rollout_init"
+        state = ctx.strategy.full_state_dict()  # collective under ZeRO-3: every rank calls it
+        if ctx.strategy.is_main:
+            write_hf_checkpoint(ctx.strategy.module, state, tokenizer, Path(source))
+        ctx.strategy.barrier()
+    engine = make_engine(cfg.engine.kind, source, tokenizer, cfg.engine, work_dir=ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}")
+    if resumed:
+        engine.sync_weights(ctx.strategy.full_state_dict())
+    return engine
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollouts -> rewards -> advantages, with zero-advantage filtering and refill
+
+
+@dataclass
+class StepBatch:
+    kept: list[RolloutGroup] = field(default_factory=list)  # this rank's informative groups (rewards + advantages set)
+    dropped: list[RolloutGroup] = field(default_factory=list)  # this rank's zero-advantage groups (never trained on)
+    kept_global: int = 0  # informative groups on all ranks
+    outcomes: dict[str, tuple[int, int]] = field(default_factory=dict)  # uid -> (n, correct), all ranks
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def collect_groups(
+    draw: Any, by_uid: dict[str, Sample], sampler: StratifiedSampler, engine: RolloutEngine, runner: RewardRunner,
+    cfg: RLConfig, strategy: Any, step: int, seed: int,
+) -> StepBatch:
+    """Generate rounds of groups until ``prompts_per_step`` are informative (or ``max_gen_batches``).
+
+    Each round asks for the missing number of prompts divided by the informative rate seen so far
+    in this step (at least the missing number), so one refill round usually suffices. Extra
+    informative groups beyond ``prompts_per_step`` are dropped in draw order.
+    """
+    out = StepBatch()
+    want = cfg.prompts_per_step
+    used: set[str] = set()
+    all_groups: list[RolloutGroup] = []
+    score_metrics: dict[str, list[float]] = defaultdict(list)
+    stats: dict[str, float] = defaultdict(float)
+    rounds = n_informative = 0
+    while out.kept_global < want and rounds < cfg.max_gen_batches:
+        need = want - out.kept_global
+        rate = n_informative / len(out.outcomes) if out.outcomes else 1.0
+        ask = max(need, math.ceil(need / max(rate, 0.1)))
+        uids = sampler.sample(draw(), ask, exclude=used)
+        if not uids:
+            break
+        used.update(uids)
+        rounds += 1
+        mine = [by_uid[u] for u in uids[strategy.rank :: strategy.world_size]]
+        params = dataclasses.replace(cfg.sampling, seed=_seed(seed, step, rounds, strategy.rank))
+        groups = engine.generate(mine, params)
+        for k, v in engine.metrics().items():
+            stats[k] += v
+        for k, v in score(groups, runner, cfg).items():
+            score_metrics[k].append(v)
+        all_groups += groups
+
+        # per-uid (informative, n, correct) summed over ranks, so every rank makes the same choice
+        local = {g.sample.uid: g for g in groups}
+        flags = _all_reduce([
+            [float(u in local and not _zero(local[u])), float(len(local[u].completions)) if u in local else 0.0,
+             float(_correct(local[u], cfg)) if u in local else 0.0]
+            for u in uids
+        ], strategy)
+        generated = [u for u, (_, n, _) in zip(uids, flags, strict=True) if n > 0]
+        informative = [u for u, (inf, _, _) in zip(uids, flags, strict=True) if inf > 0]
+        n_informative += len(informative)
+        # Plain GRPO (no filtering) trains on every group; zero-advantage ones then add only tokens
+        # to the denominator, as in TRL.
+        keep = set(informative[:need] if cfg.filter_zero_advantage else generated[:need])
+        for u, (_, n, c) in zip(uids, flags, strict=True):
+            if n > 0:
+                out.outcomes[u] = (int(n), int(c))
+        for g in groups:
+            (out.kept if g.sample.uid in keep else out.dropped).append(g)
+        out.kept_global += len(keep)
+
+    n_groups = len(out.outcomes)
+    n_zero = n_groups - n_informative
+    m: dict[str, float] = {
+        "rollout/gen_batches": float(rounds),
+        "rollout/groups": float(n_groups),
+        "rollout/groups_informative": float(n_informative),
+        "rollout/groups_trained": float(out.kept_global),
+        "rollout/zero_adv_frac": n_zero / max(n_groups, 1),
+        "rollout/short_step": float(out.kept_global < want),
+        "_count/rollouts": float(sum(n for n, _ in out.outcomes.values())),
+        "_count/groups": float(n_groups),
+        "_count/groups_zero_adv": float(n_zero),
+        "_count/skipped_updates": float(n_informative == 0 or out.kept_global == 0),
+    }
+    for k in ("rollout/tokens", "rollout/seconds", "rollout/empty_completions", "rollout/truncated_completions",
+              "rollout/skipped_overlong", "rollout/completions"):
+        m[k] = stats.get(k, 0.0)
+    m["rollout/tokens_per_s"] = m["rollout/tokens"] / m["rollout/seconds"] if m["rollout/seconds"] > 0 else 0.0
+    m |= _group_metrics(all_groups, cfg)
+    m |= {k: (sum(v) if _is_count(k) else sum(v) / len(v)) for k, v in score_metrics.items()}
+    m |= {f"train/groups/{cap}": float(n) for cap, n in _count_caps(out.kept).items()}
+    out.metrics = m
+    return out
+
+
+def score(groups: list[RolloutGroup], runner: RewardRunner, cfg: RLConfig) -> dict[str, float]:
+    """Fill ``rewards`` (NaN = None) and ``advantages`` of each group in place; returns reward metrics."""
+    if not groups:
+        return {}
+    prompts = [g.sample.prompt for g in groups for _ in g.completions]
+    completions = [c.text for g in groups for c in g.completions]
+    keys = sorted({k for g in groups for k in g.sample.columns})
+    columns = {k: [g.sample.columns.get(k) for g in groups for _ in g.completions] for k in keys}
+    totals, metrics = runner.score(prompts, completions, columns)
+    grouped, start = [], 0
+    for g in groups:
+        grouped.append(totals[start : start + len(g.completions)])
+        start += len(g.completions)
+    adv = group_advantages(rewards_tensor(grouped), scale_by_std=cfg.loss.scale_by_std, eps=cfg.loss.adv_eps)
+    for i, g in enumerate(groups):
+        g.rewards = [float("nan") if r is None else float(r) for r in grouped[i]]
+        g.advantages = adv.advantages[i].tolist()
+    metrics["reward/none"] = float(sum(r is None for r in totals))
+    return metrics
+
+
+def _zero(g: RolloutGroup) -> bool:
+    scored = [r for r in g.rewards if not math.isnan(r)]
+    return len(scored) < 2 or min(scored) == max(scored)
+
+
+def _correct(g: RolloutGroup, cfg: RLConfig) -> int:
+    return sum(1 for r in g.rewards if not math.isnan(r) and r >= cfg.pass_threshold)
+
+
+def _is_count(key: str) -> bool:
+    return key.endswith(("/errors", "/timeouts", "/nan", "/wrong_length", "/not_applicable", "reward/none"))
+
+
+def _count_caps(groups: list[RolloutGroup]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for g in groups:
+        out[str(g.sample.columns.get("capability", "default"))] += 1
+    return dict(out)
+
+
+def _group_metrics(groups: list[RolloutGroup], cfg: RLConfig) -> dict[str, float]:
+    """Reward mean/std and sampled pass@1 / pass@n, overall and per capability, over every group generated."""
+    per_cap: dict[str, list[RolloutGroup]] = defaultdict(list)
+    for g in groups:
+        per_cap[str(g.sample.columns.get("capability", "default"))].append(g)
+    out: dict[str, float] = {}
+    n = cfg.sampling.n
+    for name, gs in [("", groups), *((f"{c}/", v) for c, v in sorted(per_cap.items()))]:
+        rewards = [r for g in gs for r in g.rewards if not math.isnan(r)]
+        if not rewards:
+            continue
+        mean = sum(rewards) / len(rewards)
+        out[f"reward/{name}mean"] = mean
+        out[f"reward/{name}std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+        nc = [(len(g.completions), _correct(g, cfg)) for g in gs if g.completions]
+        out[f"rollout/{name}pass@1"] = sum(pass_at_k(a, c, 1) for a, c in nc) / len(nc)
+        out[f"rollout/{name}pass@{n}"] = sum(pass_at_k(a, c, min(n, a)) for a, c in nc) / len(nc)
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    if lengths:
+        out["rollout/completion_len"] = sum(lengths) / len(lengths)
+    return out
+
+
+def _all_reduce(rows: list[list[float]], strategy: Any) -> list[list[float]]:
+    """Sum a small table over ranks (every rank passes the same shape)."""
+    if strategy.world_size == 1 or not rows:
+        return rows
+    t = torch.tensor(rows, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()  # type: ignore[no-any-return]
+
+
+def _seed(seed: int, step: int, rnd: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 1009 + rnd * 101 + rank) % (2**31 - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Curriculum filter pass
+
+
+def filter_pass(
+    pool: PromptPool, engine: RolloutEngine, runner: RewardRunner, cfg: RLConfig, strategy: Any, step: int, seed: int
+) -> dict[str, float]:
+    """Sample ``filter_samples`` completions per due pool prompt with the current policy; update the pool."""
+    t0 = time.perf_counter()
+    due = pool.due_for_check()
+    mine = [pool.samples[u] for u in due[strategy.rank :: strategy.world_size]]
+    params = dataclasses.replace(cfg.sampling, n=cfg.curriculum.filter_samples, seed=_seed(seed, step, 0, strategy.rank) ^ 0x5F)
+    groups = engine.generate(mine, params)
+    score(groups, runner, cfg)
+    local = {g.sample.uid: (len(g.completions), _correct(g, cfg)) for g in groups}
+    table = _all_reduce([[float(local.get(u, (0, 0))[0]), float(local.get(u, (0, 0))[1])] for u in due], strategy)
+    results = {u: (int(n), int(c)) for u, (n, c) in zip(due, table, strict=True) if n > 0}
+    report = pool.filter_pass(results, step, k=cfg.curriculum.pass_k)
+    out = {f"filter/{k}": v for k, v in report.pass_at.items()}
+    out |= {f"filter/to_{status}": float(n) for status, n in report.moved.items()}
+    out["filter/checked"] = float(report.checked)
+    out["filter/seconds"] = time.perf_counter() - t0
+    out["_count/rollouts"] = float(sum(n for n, _ in results.values()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy update
+
+
+@dataclass
+class _Seq:
+    ids: list[int]  # [T] prompt + completion
+    n_prompt: int
+    advantage: float
+    sampling_logprobs: list[float]  # [T_c] the rollout engine's log-probs of the completion tokens
+
+
+def micro_batches_per_step(cfg: RLConfig, world_size: int) -> int:
+    """Fixed per run (DeepSpeed's accumulation boundary): enough micro-batches for a full step."""
+    return max(1, math.ceil(cfg.prompts_per_step * cfg.sampling.n / (world_size * cfg.micro_batch_size)))
+
+
+def policy_update(
+    strategy: Any, groups: list[RolloutGroup], cfg: RLConfig, grad_accum: int, pad_id: int, reference: Any
+) -> dict[str, float]:
+    """One on-policy update on this rank's informative groups, in exactly ``grad_accum`` micro-batches
+    (a short step leaves some empty: they run a 2-token no-loss forward so every rank reaches the
+    accumulation boundary together); the loss is aggregated with the completion-token count of the
+    whole step (all ranks)."""
+    seqs = [
+        _Seq(g.prompt_ids + c.token_ids, len(g.prompt_ids), a, c.logprobs)
+        for g in groups
+        for c, r, a in zip(g.completions, g.rewards, g.advantages, strict=True)
+        if not math.isnan(r) and c.token_ids
+    ]
+    local_tokens = sum(len(s.ids) - s.n_prompt for s in seqs)
+    denom = strategy.all_reduce_sum(local_tokens)
+    if denom == 0:  # no informative group on any rank: no update compute at all
+        return {"train/skipped": 1.0}
+    chunks = [seqs[i::grad_accum] for i in range(grad_accum)]
+    sums: dict[str, float] = defaultdict(float)
+    model_tokens = 0
+    for chunk in chunks:
+        if not chunk:  # keep every rank's backward count equal; contributes zero gradient
+            chunk = [_Seq([pad_id, pad_id], 2, 0.0, [])]
+        batch = _collate(chunk, pad_id)
+        model_tokens += int(batch["attention_mask"].sum())
+        logits = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+        logits = logits[:, :-1]  # [B, T-1, V] predicts tokens 1..T-1
+        targets = batch["input_ids"][:, 1:].to(logits.device)  # [B, T-1]
+        mask = batch["completion_mask"][:, 1:].to(logits.device)  # [B, T-1]
+        logprobs = token_logprobs(logits, targets)  # [B, T-1]
+        ref_logprobs = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_logits = reference(input_ids=batch["input_ids"].to(logits.device), attention_mask=batch["attention_mask"].to(logits.device)).logits
+                ref_logprobs = token_logprobs(ref_logits[:, :-1], targets)  # [B, T-1]
+        if cfg.loss.entropy_coef > 0:
+            entropy = entropy_from_logits(logits)  # [B, T-1]
+        else:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach())
+        per_token, m = grpo_loss(
+            logprobs, logprobs.detach(), batch["advantages"].to(logits.device), mask,
+            clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
+            ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef, entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
+        )
+        loss = aggregate(per_token, mask, denom)
+        strategy.backward(loss)
+        strategy.step()
+        n_tok = float(mask.sum())
+        sums["loss"] += float(loss.detach())
+        sums["clip_frac"] += float(m["clip_frac"]) * n_tok
+        sums["entropy"] += float(m["entropy_mean"]) * n_tok
+        if "kl_mean" in m:
+            sums["kl"] += float(m["kl_mean"]) * n_tok
+        diff = (logprobs.detach() - batch["sampling_logprobs"].to(logits.device)).abs()
+        sums["logprob_diff"] += float((diff * mask).sum())
+    out = {
+        "train/loss": strategy.all_reduce_sum(sums["loss"]),
+        "train/clip_frac": strategy.all_reduce_sum(sums["clip_frac"]) / denom,
+        "train/entropy": strategy.all_reduce_sum(sums["entropy"]) / denom,
+        "train/sequences": strategy.all_reduce_sum(len(seqs)),
+        "train/completion_tokens": denom,
+        "train/lr": strategy.lr,
+        # |trainer - rollout engine| log-prob per completion token: ~0 when the weight sync is right
+        "train/rollout_logprob_diff": strategy.all_reduce_sum(sums["logprob_diff"]) / denom,
+        "_model_tokens": strategy.all_reduce_sum(model_tokens),
+    }
+    if reference is not None:
+        out["train/kl"] = strategy.all_reduce_sum(sums["kl"]) / denom
+    if (norm := strategy.grad_norm()) is not None:
+        out["train/grad_norm"] = norm
+    return out
+
+
+def _collate(seqs: list[_Seq], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids/attention_mask/completion_mask [B, T], advantages [B],
+    sampling_logprobs [B, T-1] aligned with the shifted targets."""
+    width = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
+    attn = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, T]
+    comp = torch.zeros(len(seqs), width, dtype=torch.bool)  # [B, T]
+    old = torch.zeros(len(seqs), width - 1, dtype=torch.float32)  # [B, T-1]
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        attn[i, : len(s.ids)] = 1
+        comp[i, s.n_prompt : len(s.ids)] = True
+        old[i, s.n_prompt - 1 : len(s.ids) - 1] = torch.tensor(s.sampling_logprobs, dtype=torch.float32)
+    adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)  # [B]
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp, "advantages": adv, "sampling_logprobs": old}
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+# --------------------------------------------------------------------------------------------------
+# Dashboard helpers
+
+
+def sample_rows(groups: list[RolloutGroup], k: int) -> list[dict[str, Any]]:
+    """A few rollouts for the (append-only) rollout table: the best and the worst of the first groups."""
+    rows = []
+    for g in groups[: max(1, k // 2)]:
+        order = sorted(range(len(g.completions)), key=lambda i: -(g.rewards[i] if not math.isnan(g.rewards[i]) else -math.inf))
+        for i in dict.fromkeys([order[0], order[-1]]):
+            rows.append({
+                "prompt": g.sample.prompt,
+                "capability": str(g.sample.columns.get("capability", "default")),
+                "completion": g.completions[i].text,
+                "reward": None if math.isnan(g.rewards[i]) else g.rewards[i],
+                "advantage": g.advantages[i],
+            })
+    return rows[:k]
+
+
+def _periodic_eval(ctx: StageContext, tokenizer: Any, eval_ds: Any, step: int) -> None:
+    """Held-out greedy/sampled pass@1 of the current weights on rank 0 (ZeRO-3 weights gathered)."""
+    strategy = ctx.strategy
+    state = strategy.full_state_dict() if strategy.ds.zero_stage == 3 else None
+    if not strategy.is_main:
+        return
+    model = strategy.module
+    if state is not None:
+        model, _ = ctx.load_model()
+        model.load_state_dict(state)
+    metrics = evaluate(model, tokenizer, eval_ds, ctx.recipe.eval, seed=ctx.seed + step)
+    ctx.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)

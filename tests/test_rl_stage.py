@@ -1,0 +1,125 @@
+"""The RL stage end to end on a tiny model: real vLLM (in-process, CPU), real DeepSpeed, real rewards.
+
+The reward used here is a small plugin defined below, chosen so each capability has a known
+character: ``const`` prompts always score 1.0 (every group is zero-advantage), ``na`` prompts score
+``None`` (reward not applicable), and ``parity`` prompts score by the completion's length parity,
+which a randomly initialised model gets right about half the time (informative groups).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.config import parse_recipe
+from posttrain.pipeline import run_pipeline
+from posttrain.plugins import reward
+
+pytestmark = pytest.mark.vllm
+
+
+@reward("rl_stage_test")
+def rl_stage_test(prompts: list[str], completions: list[str], capability: list[str], **_: Any) -> list[float | None]:
+    """const -> 1.0; na -> None; parity -> 1.0 when the completion has an even number of characters.
+
+    >>> rl_stage_test(["a", "b", "c"], ["xy", "x", "x"], capability=["parity", "parity", "const"])
+    [1.0, 0.0, 1.0]
+    """
+    out: list[float | None] = []
+    for c, cap in zip(completions, capability, strict=True):
+        out.append(1.0 if cap == "const" else None if cap == "na" else float(len(c) % 2 == 0))
+    return out
+
+
+def _write_prompts(path: Path, caps: list[str], n_per_cap: int, long_rows: int = 0) -> None:
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i), "capability": cap} for cap in caps for i in range(n_per_cap)]
+    rows += [{"prompt": "9" * 80 + "=", "answer": "0", "capability": caps[0]} for _ in range(long_rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _recipe(tmp: Path, data: Path, name: str, **stage: Any) -> dict[str, Any]:
+    rl: dict[str, Any] = {
+        "type": "rl",
+        "data": {"source": str(data), "max_prompt_len": 24},
+        "sampling": {"n": 4, "max_tokens": 6},
+        "engine": {"kind": "vllm"},
+        "rewards": {"specs": [{"name": "rl_stage_test"}]},
+        "prompts_per_step": 4,
+        "max_gen_batches": 2,
+        "max_steps": 2,
+        "save_every": 0,
+        "log_samples_every": 1,
+        "optim": {"lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant"},
+    }
+    rl.update(stage)
+    yaml_model = (Path(__file__).resolve().parents[1] / "recipes" / "model" / "tiny_llama.yaml").read_text()
+    import yaml
+
+    return {
+        "run": {"name": name, "dir": str(tmp / "runs"), "seed": 0},
+        "model": yaml.safe_load(yaml_model),
+        "deepspeed": {"zero_stage": 2},
+        "tracking": {"progress": False, "wandb": {"mode": "disabled"}},
+        "eval": {"data": {"source": "tiny", "tasks": {"add": {"kind": "add", "levels": [1]}}, "num_eval": 4},
+                 "sampled": False, "include_base": False, "max_new_tokens": 4},
+        "stages": {"rl": rl},
+    }
+
+
+def _rows(stage_dir: Path, name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (stage_dir / name).read_text().splitlines() if line.strip()]
+
+
+def test_rl_steps_with_vllm_train_only_on_informative_groups(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    _write_prompts(data, ["parity", "const", "na"], n_per_cap=6, long_rows=1)
+    recipe = parse_recipe(_recipe(tmp_path, data, "mixed"))
+    run_pipeline(recipe)
+    sd = tmp_path / "runs" / "mixed" / "rl"
+    rows = _rows(sd, "metrics.jsonl")
+    head = rows[0]
+    assert head["step"] == 0 and head["data/skipped_long_prompts"] == 1 and head["data/prompts"] == 18
+    steps = [r for r in rows if r["step"] >= 1]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        # groups of every capability were generated (stratified draw), but only parity ones trained
+        assert r["rollout/const/pass@1"] == 1.0
+        assert r.get("train/groups/const", 0) == 0 and r.get("train/groups/na", 0) == 0
+        assert r["train/groups/parity"] == r["rollout/groups_trained"] >= 1
+        assert r["rollout/zero_adv_frac"] > 0
+        assert r["reward/none"] > 0  # the na prompts, counted
+        assert r["train/sequences"] == 4 * r["rollout/groups_trained"]
+        assert r["train/completion_tokens"] > 0 and r["train/grad_norm"] > 0
+    # step 2's rollouts came from the weights trained at step 1: the engine's log-probs equal the
+    # trainer's (a stale engine would differ by ~lr-sized amounts: checked below against step 1's change)
+    assert steps[1]["train/rollout_logprob_diff"] < 1e-4
+    # the rollout table grows; rows from both steps are kept
+    table = _rows(sd, "samples.jsonl")
+    assert {r["step"] for r in table} == {1, 2}
+    assert all(r["table"] == "rollouts" and {"prompt", "completion", "reward", "advantage"} <= set(r) for r in table)
+    # the exported policy moved away from the starting weights
+    start = load_file(str(sd / "rollout_init" / "model.safetensors"))
+    end = load_file(str(sd / "checkpoint" / "model.safetensors"))
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_zero_advantage_groups_never_reach_the_update(tmp_path: Path) -> None:
+    """Every prompt is const (all rewards 1.0): each round is all zero-advantage, the step gives up
+    after max_gen_batches rounds and runs no forward/backward at all -- the weights stay bit-equal."""
+    data = tmp_path / "prompts.jsonl"
+    _write_prompts(data, ["const"], n_per_cap=12)
+    run_pipeline(parse_recipe(_recipe(tmp_path, data, "const", max_steps=1, log_samples_every=0)))
+    sd = tmp_path / "runs" / "const" / "rl"
+    step1 = [r for r in _rows(sd, "metrics.jsonl") if r["step"] == 1][0]
+    assert step1["rollout/gen_batches"] == 2 and step1["rollout/groups"] >= 8
+    assert step1["rollout/groups_trained"] == 0 and step1["rollout/zero_adv_frac"] == 1.0
+    assert step1["train/skipped"] == 1.0 and "train/loss" not in step1
+    assert step1["total/skipped_updates"] == 1.0
+    start = load_file(str(sd / "rollout_init" / "model.safetensors"))
+    end = load_file(str(sd / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(start[k], end[k]) for k in start)
