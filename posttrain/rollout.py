@@ -34,6 +34,13 @@ weight prepacking (its unquantized MoE method only copies weights on an update),
 expert weights of MoE models (Llama 4, Qwen3-MoE, Mixtral) stay in the wrong layout and the engine
 silently samples from a different model; ``refresh_fused_moe_weights`` re-runs that step for every
 fused-MoE layer after each reload. The prefix cache is reset too (its KV came from the old weights).
+
+Process hygiene (in-process vLLM shares the training process): the engine's start leaves the global
+RNGs and ``torch.set_num_threads`` as they were, sampling never touches the global RNGs (every request
+carries its own seed: from ``(params.seed, call number)``, or fresh entropy when ``seed`` is None),
+vLLM's socket files and cache go to ``work_dir``, and ``close()`` keeps a process group that training
+started. Under torch.distributed every rank starts its own engine at the same point (vLLM builds its
+groups from training's world collectively); give ranks different seeds or different prompts.
 """
 
 from __future__ import annotations
@@ -195,11 +202,13 @@ def _count(stats: GenerateStats, groups: Sequence[RolloutGroup]) -> None:
             stats.truncated += c.finish_reason == "length"
 
 
-def _request_seeds(seed: int | None, call: int, count: int, n: int) -> list[int | None]:
-    """One seed per prompt, distinct across prompts and calls (vLLM gives sample i of a prompt seed + i)."""
-    if seed is None:
-        return [None] * count
-    rng = np.random.default_rng([seed, call])
+def _request_seeds(seed: int | None, call: int, count: int, n: int, fresh: np.random.Generator) -> list[int]:
+    """One seed per prompt, distinct across prompts and calls (vLLM gives sample i of a prompt seed + i).
+
+    ``seed`` None draws them from ``fresh`` (the engine's own entropy-seeded stream), so sampling
+    never reads or advances the training process's global RNGs either way.
+    """
+    rng = fresh if seed is None else np.random.default_rng([seed, call])
     return [int(x) for x in rng.integers(0, 2**31 - 1 - n, size=count)]
 
 
@@ -300,6 +309,25 @@ def _kept_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def _kept_default_process_group(keep: bool) -> Iterator[None]:
+    """Make ``torch.distributed.destroy_process_group()`` (no group: the default one) a no-op."""
+    if not keep:
+        yield
+        return
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_subgroups_only(group: Any = None) -> None:
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_subgroups_only
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -325,8 +353,12 @@ class VLLMEngine:
         self._owns_work_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="posttrain-vllm-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # vLLM detokenises with the tokenizer the loop encodes with, whatever model_dir holds; it also
+        # reads a model config next to the tokenizer (and retries, logging errors, when there is none).
         tokenizer_dir = self.work_dir / "tokenizer"
-        tokenizer.save_pretrained(tokenizer_dir)  # the same tokenizer the loop encodes with, wherever model_dir came from
+        tokenizer.save_pretrained(tokenizer_dir)
+        if (Path(model_dir) / "config.json").exists():
+            shutil.copy(Path(model_dir) / "config.json", tokenizer_dir / "config.json")
 
         dtype = self.cfg.dtype if self.cfg.dtype != "auto" else ("float32" if self.on_cpu else "auto")
         sleep_mode = self.cfg.sleep_during_training and not self.on_cpu
@@ -352,6 +384,8 @@ class VLLMEngine:
             kwargs["max_model_len"] = self.cfg.max_model_len
         kwargs.update(self.cfg.extra)
 
+        # vLLM joins a process group that training already started (and must not end it on close).
+        self._training_owns_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         rss0, t0 = _rss_bytes(), time.perf_counter()
         disable_envs_cache()  # vLLM caches its env vars process-wide after a start; read ours afresh
         with _patched_env(env), _tempdir(self.work_dir), _preserved_rng(), _kept_torch_threads():
@@ -363,6 +397,7 @@ class VLLMEngine:
         self._sleep_mode = sleep_mode
         self._asleep = False
         self._calls = 0
+        self._fresh = np.random.default_rng()
         self.last_stats = GenerateStats()
         self.last_sync_seconds = 0.0
         self.last_sync_moe_layers = 0
@@ -376,7 +411,7 @@ class VLLMEngine:
 
     # -- sampling -----------------------------------------------------------------------------------
 
-    def _sampling_params(self, params: SamplingConfig, max_tokens: int, seed: int | None) -> Any:
+    def _sampling_params(self, params: SamplingConfig, max_tokens: int, seed: int) -> Any:
         return self._vllm.SamplingParams(
             n=params.n,
             temperature=params.temperature,
@@ -395,7 +430,8 @@ class VLLMEngine:
         compiling C++ with Inductor for a kernel that saves nothing on small vocabularies.
         """
         if self.on_cpu and self.cfg.enforce_eager:
-            return torch._dynamo.config.patch(disable=True)
+            patch: contextlib.AbstractContextManager[Any] = torch._dynamo.config.patch(disable=True)
+            return patch
         return contextlib.nullcontext()
 
     def generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
@@ -405,12 +441,13 @@ class VLLMEngine:
         stats = GenerateStats(prompts=len(samples))
         prompts = _encode_all(samples, self.tokenizer, self.max_model_len, params.max_tokens, stats)
         self._calls += 1
-        seeds = _request_seeds(params.seed, self._calls, len(prompts), params.n)
+        seeds = _request_seeds(params.seed, self._calls, len(prompts), params.n, self._fresh)
         requests = [{"prompt_token_ids": p.ids} for p in prompts]
         sampling = [self._sampling_params(params, p.max_tokens, s) for p, s in zip(prompts, seeds, strict=True)]
         outputs = []
         if requests:
-            with self._no_compile():
+            # vLLM's CPU sampler draws from the global RNG even for seeded requests: keep training's intact
+            with self._no_compile(), _preserved_rng():
                 outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         groups = []
         for p, out in zip(prompts, outputs, strict=True):
@@ -452,10 +489,15 @@ class VLLMEngine:
         return {**self.last_stats.metrics(), "rollout/sync_seconds": self.last_sync_seconds}
 
     def close(self) -> None:
-        """Shut the engine down (its distributed state and memory go with it) and remove a temp work dir."""
+        """Shut the engine down and remove a temporary work dir.
+
+        vLLM's shutdown ends torch.distributed's default process group; one that training started
+        before the engine is kept (vLLM's own subgroups still go).
+        """
         llm = getattr(self, "llm", None)
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            with _kept_default_process_group(self._training_owns_process_group):
+                llm.llm_engine.engine_core.shutdown()
             del self.llm
         if self._owns_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -474,12 +516,14 @@ class HFEngine:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = TORCH_DTYPES.get(self.cfg.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         t0 = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        self.model: Any = model.to(self.device).eval()
         self.start_seconds = time.perf_counter() - t0
         self.max_model_len: int = int(self.cfg.max_model_len or self.model.config.max_position_embeddings)
         self.last_stats = GenerateStats()
         self.last_sync_seconds = 0.0
         self._calls = 0
+        self._fresh = np.random.default_rng()
 
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
@@ -489,10 +533,9 @@ class HFEngine:
         self._calls += 1
         rows = [p for p in prompts for _ in range(params.n)]  # n rows per prompt, prompt-major
         completions: list[Completion] = []
-        seed = None if params.seed is None else int(np.random.default_rng([params.seed, self._calls]).integers(2**31 - 1))
+        (seed,) = _request_seeds(params.seed, self._calls, 1, 0, self._fresh)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
+            torch.manual_seed(seed)  # inside fork_rng: the global RNGs are restored afterwards
             for start in range(0, len(rows), self.cfg.hf_batch_size):
                 completions += self._generate_rows(rows[start : start + self.cfg.hf_batch_size], params)
         groups = [
@@ -538,10 +581,10 @@ class HFEngine:
         if eos in ids:
             ids = ids[: ids.index(eos) + 1]
             finish = "stop"
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
         if stop:
             for end in range(1, len(ids) + 1):
-                prefix = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+                prefix = str(self.tokenizer.decode(ids[:end], skip_special_tokens=True))
                 hits = [prefix.find(s) for s in stop if s in prefix]
                 if hits:
                     ids, text, finish = ids[:end], prefix[: min(hits)], "stop"
@@ -563,4 +606,4 @@ class HFEngine:
         return {**self.last_stats.metrics(), "rollout/sync_seconds": self.last_sync_seconds}
 
     def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
+        self.model = None

@@ -7,6 +7,7 @@ is started per module and shared by the tests, each of which first pushes the we
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 from posttrain.config import EngineConfig, ModelConfig, SamplingConfig, parse
@@ -131,8 +133,17 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp(arch)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
+    # As in an RL stage, training's process group exists before the engine starts (vLLM joins it).
+    started_group = not dist.is_initialized()
+    if started_group:
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=0, world_size=1)
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    engine = VLLMEngine(root / "model", tok, EngineConfig(), work_dir=root / "engine")
+    # vLLM's model-class cache (keyed by vLLM's source hash) outlives the session under pytest's temp
+    # root: a cold one costs a subprocess that imports vLLM again (10-20 s) per architecture.
+    cache = tmp_path_factory.getbasetemp().parent / "vllm-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_CACHE_ROOT", os.environ.get("VLLM_CACHE_ROOT", str(cache)))
+        engine = VLLMEngine(root / "model", tok, EngineConfig(), work_dir=root / "engine")
     threads_kept = torch.get_num_threads() == threads
     rng_kept = torch.equal(torch.get_rng_state(), rng)
     torch.set_num_threads(threads + 1)  # the training side can still change its thread count
@@ -140,6 +151,9 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     torch.set_num_threads(threads)
     yield Case(arch, engine, model, tok, threads_kept, rng_kept)
     engine.close()
+    assert dist.is_initialized(), "closing the engine ended training's process group"
+    if started_group:
+        dist.destroy_process_group()
 
 
 @pytest.mark.vllm
@@ -148,6 +162,9 @@ def test_engine_start_leaves_training_threads_and_rng_alone(case: Case) -> None:
     assert case.threads_kept, "torch.set_num_threads no longer works after the vLLM start"
     assert case.rng_kept, "starting vLLM reseeded the global torch RNG"
     assert case.engine.max_model_len == case.model.config.max_position_embeddings
+    x = torch.ones(1)
+    dist.all_reduce(x)  # training's process group still works beside the engine
+    assert x.item() == 1.0
     assert (case.engine.work_dir / "tokenizer" / "tokenizer.json").exists()
 
 
@@ -159,7 +176,9 @@ def test_generate_returns_groups_with_raw_model_logprobs(case: Case) -> None:
     given = samples()
     for temperature in (1.0, 0.5):
         params = SamplingConfig(n=4, temperature=temperature, max_tokens=10, seed=3)
+        rng = torch.get_rng_state()
         groups = case.engine.generate(given, params)
+        assert torch.equal(torch.get_rng_state(), rng), "sampling moved the training process's torch RNG"
         check_well_formed(groups, given, n=4, tok=case.tok, max_tokens=10)
         assert_logprobs_match_hf(groups, case.model)
         stats = case.engine.last_stats
