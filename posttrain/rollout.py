@@ -37,7 +37,7 @@ different model (measured: greedy log-probs off by ~0.5-1.0 on tiny Llama 4 and 
 
 Process hygiene (in-process vLLM shares the training process): the engine's start leaves the global
 RNGs and ``torch.set_num_threads`` as they were, sampling never touches the global RNGs (every request
-carries its own seed: from ``(params.seed, call number)``, or fresh entropy when ``seed`` is None),
+carries its own seed: from ``params.seed``, which fixes the samples, or fresh entropy when it is None),
 vLLM's socket files and cache go to ``work_dir``, and ``close()`` keeps a process group that training
 started. Under torch.distributed every rank starts its own engine at the same point (vLLM builds its
 groups from training's world collectively); give ranks different seeds or different prompts.
@@ -202,13 +202,14 @@ def _count(stats: GenerateStats, groups: Sequence[RolloutGroup]) -> None:
             stats.truncated += c.finish_reason == "length"
 
 
-def _request_seeds(seed: int | None, call: int, count: int, n: int, fresh: np.random.Generator) -> list[int]:
-    """One seed per prompt, distinct across prompts and calls (vLLM gives sample i of a prompt seed + i).
+def _request_seeds(seed: int | None, count: int, n: int, fresh: np.random.Generator) -> list[int]:
+    """One seed per prompt position (vLLM gives sample i of a prompt seed + i).
 
-    ``seed`` None draws them from ``fresh`` (the engine's own entropy-seeded stream), so sampling
-    never reads or advances the training process's global RNGs either way.
+    A given ``seed`` fixes the samples: the same prompts and params give the same completions, also
+    after a restart, so a loop passes a new seed per call (e.g. from step and rank). ``seed`` None
+    draws from ``fresh``, the engine's own entropy-seeded stream. The global RNGs are never used.
     """
-    rng = fresh if seed is None else np.random.default_rng([seed, call])
+    rng = fresh if seed is None else np.random.default_rng(seed)
     return [int(x) for x in rng.integers(0, 2**31 - 1 - n, size=count)]
 
 
@@ -396,7 +397,6 @@ class VLLMEngine:
         self._vllm = vllm
         self._sleep_mode = sleep_mode
         self._asleep = False
-        self._calls = 0
         self._fresh = np.random.default_rng()
         self.last_stats = GenerateStats()
         self.last_sync_seconds = 0.0
@@ -440,8 +440,7 @@ class VLLMEngine:
         t0 = time.perf_counter()
         stats = GenerateStats(prompts=len(samples))
         prompts = _encode_all(samples, self.tokenizer, self.max_model_len, params.max_tokens, stats)
-        self._calls += 1
-        seeds = _request_seeds(params.seed, self._calls, len(prompts), params.n, self._fresh)
+        seeds = _request_seeds(params.seed, len(prompts), params.n, self._fresh)
         requests = [{"prompt_token_ids": p.ids} for p in prompts]
         sampling = [self._sampling_params(params, p.max_tokens, s) for p, s in zip(prompts, seeds, strict=True)]
         outputs = []
@@ -522,7 +521,6 @@ class HFEngine:
         self.max_model_len: int = int(self.cfg.max_model_len or self.model.config.max_position_embeddings)
         self.last_stats = GenerateStats()
         self.last_sync_seconds = 0.0
-        self._calls = 0
         self._fresh = np.random.default_rng()
 
     @torch.no_grad()
@@ -530,10 +528,9 @@ class HFEngine:
         t0 = time.perf_counter()
         stats = GenerateStats(prompts=len(samples))
         prompts = _encode_all(samples, self.tokenizer, self.max_model_len, params.max_tokens, stats)
-        self._calls += 1
         rows = [p for p in prompts for _ in range(params.n)]  # n rows per prompt, prompt-major
         completions: list[Completion] = []
-        (seed,) = _request_seeds(params.seed, self._calls, 1, 0, self._fresh)
+        (seed,) = _request_seeds(params.seed, 1, 0, self._fresh)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)  # inside fork_rng: the global RNGs are restored afterwards
             for start in range(0, len(rows), self.cfg.hf_batch_size):

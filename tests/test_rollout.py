@@ -7,6 +7,7 @@ is started per module and shared by the tests, each of which first pushes the we
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ def assert_logprobs_match_hf(groups: list[RolloutGroup], model: Any) -> float:
             worst = max(worst, gap)
     assert worst < TOL, f"engine log-probs differ from transformers' by {worst:.2e}"
     return worst
+
+
+def tokens(groups: list[RolloutGroup]) -> list[list[int]]:
+    return [c.token_ids for g in groups for c in g.completions]
 
 
 def check_well_formed(groups: list[RolloutGroup], given: list[Sample], n: int, tok: Any, max_tokens: int) -> None:
@@ -181,6 +186,7 @@ def test_generate_returns_groups_with_raw_model_logprobs(case: Case) -> None:
         assert torch.equal(torch.get_rng_state(), rng), "sampling moved the training process's torch RNG"
         check_well_formed(groups, given, n=4, tok=case.tok, max_tokens=10)
         assert_logprobs_match_hf(groups, case.model)
+        assert tokens(case.engine.generate(given, params)) == tokens(groups)  # a seed fixes the samples
         stats = case.engine.last_stats
         assert stats.completions == 4 * len(given) and stats.skipped_overlong == 0
         assert stats.tokens == sum(len(c.token_ids) for g in groups for c in g.completions)
@@ -307,12 +313,12 @@ def test_hf_engine_groups_logprobs_and_seeds(hf_case: Any) -> None:
     groups = engine.generate(given, params)  # 24 rows in batches of 5: left padding inside a batch
     check_well_formed(groups, given, n=3, tok=tok, max_tokens=8)
     assert_logprobs_match_hf(groups, model)
-    def tokens(gs: list[RolloutGroup]) -> list[list[int]]:
-        return [c.token_ids for g in gs for c in g.completions]
-
     twin = HFEngine(model_dir, tok, EngineConfig(kind="hf", hf_batch_size=5))
-    assert tokens(twin.generate(given, params)) == tokens(groups)  # same seed, same call: same samples
-    assert tokens(engine.generate(given, params)) != tokens(groups)  # the next call draws fresh samples
+    assert tokens(twin.generate(given, params)) == tokens(groups)  # a seed fixes the samples
+    assert tokens(engine.generate(given, dataclasses.replace(params, seed=6))) != tokens(groups)
+    rng = torch.get_rng_state()
+    engine.generate(given, dataclasses.replace(params, seed=None))  # fresh entropy; global RNG untouched
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_hf_engine_sync_weights_and_greedy(hf_case: Any) -> None:
