@@ -100,7 +100,7 @@ def load_teacher(cfg: ModelConfig, student_tokenizer: Any, student_vocab: int, s
     model, tokenizer = build_model(cfg, seed=seed)
     name = f"teacher {cfg.name_or_path or cfg.arch} tokenizer {_tokenizer_name(tokenizer)}"
     check_same_vocab(model_vocab(model), vocab_fingerprint(tokenizer), name, student_tokenizer, student_vocab)
-    model.eval()
+    model.train(False)
     model.requires_grad_(False)
     return model
 

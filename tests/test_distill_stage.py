@@ -94,7 +94,8 @@ def test_teacher_with_another_vocabulary_fails_with_one_line(run_cli, tmp_path: 
     res = run_cli(
         "run", "recipe=quickstart", "model=tiny_llama", "run.name=v",
         f"stages.warmup.codistill.teacher.name_or_path={teacher}", "stages.warmup.codistill.teacher.tokenizer=null",
-        "stages.warmup.max_steps=2", *FAST,
+        "stages.warmup.max_steps=2",
+        "stages.warmup.data.num_train=50", *FAST,
     )  # fmt: skip
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
@@ -103,13 +104,14 @@ def test_teacher_with_another_vocabulary_fails_with_one_line(run_cli, tmp_path: 
 
 
 def test_sft_refuses_offline_targets_at_config_time() -> None:
-    recipe = {"stages": {"warmup": {"type": "sft", "codistill": {"targets": "t"}}}}
+    model = {"arch": "llama"}
+    recipe = {"model": model, "stages": {"warmup": {"type": "sft", "codistill": {"targets": "t"}}}}
     with pytest.raises(
         ConfigError, match=r"'stages.warmup.codistill': sft codistills from an online teacher"
     ):
         parse_recipe(recipe)
     with pytest.raises(ConfigError, match=r"'stages.d.codistill' needs 'teacher'"):
-        parse_recipe({"stages": {"d": {"type": "distill"}}})
+        parse_recipe({"model": model, "stages": {"d": {"type": "distill"}}})
 
 
 @pytest.mark.multiproc
