@@ -70,7 +70,7 @@ def compose(recipe: str, overrides: list[str]) -> Recipe:
     groups = _groups(shipped) | _groups(config_dir)
     hydra_overrides = []
     for ov in overrides:
-        if "=" not in ov:
+        if "=" not in ov and not ov.startswith("~"):
             raise ConfigError(f"override '{ov}' is not key=value")
         key = ov.split("=", 1)[0].lstrip("+~")
         if key in groups or ov.startswith(("+", "~")):
