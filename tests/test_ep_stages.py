@@ -1,6 +1,6 @@
 """Training stages with expert parallelism, end to end through `posttrain run` on 2 ranks.
 
-The SFT stage of the quickstart recipe (tiny Llama 4: 2 MoE layers x 4 experts) runs with
+SFT. The SFT stage of the quickstart recipe (tiny Llama 4: 2 MoE layers x 4 experts) runs with
 ``launcher.nproc_per_node=2 parallel.ep_size=2`` — the CLI re-launches itself under torchrun, each
 rank keeps 2 of the 4 experts per layer, ZeRO-2 — with a periodic held-out evaluation and resume
 states on the way (both need the experts gathered from the two ranks). The reference is the same
@@ -8,21 +8,30 @@ recipe in one process with ``grad_accum=2``, which sees the same global batch pe
 posttrain/stages/sft.py). Per-step losses and gradient norms must agree to 1e-4 relative, and the
 exported checkpoints to ||w_ep - w_ref|| / ||w_ref - w_0|| <= 1e-3 (AdamW magnifies reduction-order
 rounding; tests/test_moe_ep.py measures ~5e-5 for the same model).
+
+RL. The RL stage (real vLLM on each rank) with ``parallel.ep_size=2``: each rank's vLLM engine starts from
+the checkpoint the strategy writes from the expert-parallel model and receives the trained weights after
+every update, experts gathered from both ranks. The starting checkpoint must equal the freshly built
+model exactly, and the engine's log-probs at step 2 must equal the trainer's (< 1e-4; a wrong or stale
+expert would shift them by far more).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from posttrain.config import ModelConfig, parse
 from posttrain.models import build_model
+from posttrain.plugins import reward
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -43,22 +52,28 @@ SFT = [
 ]
 
 
-def _run(cwd: Path, *overrides: str) -> list[dict[str, float]]:
+def _run(cwd: Path, *args: str, stage: str = "warmup") -> list[dict[str, float]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the RL recipe names a reward in this module
     res = subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", "run", *SFT, *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "posttrain.cli", "run", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
-    lines = (cwd / "runs" / "r" / "warmup" / "metrics.jsonl").read_text().splitlines()
+    lines = (cwd / "runs" / "r" / stage / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines]
+
+
+def _tiny_llama4() -> dict[str, torch.Tensor]:
+    cfg = parse(ModelConfig, yaml.safe_load((REPO / "recipes/model/tiny_llama4.yaml").read_text()), "model")
+    return build_model(cfg, seed=0)[0].state_dict()
 
 
 @pytest.mark.multiproc
 def test_sft_stage_with_ep2_equals_one_process(tmp_path: Path) -> None:
     ep_dir, ref_dir = tmp_path / "ep", tmp_path / "ref"
     ep_dir.mkdir(), ref_dir.mkdir()
-    ep = _run(ep_dir, "run.name=r", "launcher.nproc_per_node=2", "parallel.ep_size=2")
-    ref = _run(ref_dir, "run.name=r", "stages.warmup.grad_accum=2")
+    ep = _run(ep_dir, *SFT, "run.name=r", "launcher.nproc_per_node=2", "parallel.ep_size=2")
+    ref = _run(ref_dir, *SFT, "run.name=r", "stages.warmup.grad_accum=2")
 
     train_ep = [r for r in ep if "train/loss" in r]
     train_ref = [r for r in ref if "train/loss" in r]
@@ -75,10 +90,73 @@ def test_sft_stage_with_ep2_equals_one_process(tmp_path: Path) -> None:
     w_ep = load_file(str(ep_dir / "runs/r/warmup/checkpoint/model.safetensors"))
     w_ref = load_file(str(ref_dir / "runs/r/warmup/checkpoint/model.safetensors"))
     assert set(w_ep) == set(w_ref)
-    cfg = parse(ModelConfig, yaml.safe_load((REPO / "recipes/model/tiny_llama4.yaml").read_text()), "model")
-    w0 = build_model(cfg, seed=0)[0].state_dict()
+    w0 = _tiny_llama4()
     err = sum(float(((w_ep[k] - w_ref[k]) ** 2).sum()) for k in w_ref) ** 0.5
     moved = sum(float(((w_ref[k] - w0[k]) ** 2).sum()) for k in w_ref) ** 0.5
     assert moved > 0 and err / moved <= 1e-3, (
         f"EP checkpoint differs from the 1-process one by {err / moved:.1e}"
     )
+
+
+@reward("ep_parity")
+def ep_parity(prompts: list[str], completions: list[str], **_: object) -> list[float | None]:
+    """1.0 when the completion has an even number of characters: an untrained model gets about half right.
+
+    >>> ep_parity(["a", "b"], ["xy", "x"])
+    [1.0, 0.0]
+    """
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+RL_RECIPE = """
+defaults:
+  - model: tiny_llama4
+  - deepspeed: zero2
+  - _self_
+run: {name: r, seed: 0}
+tracking: {progress: false}
+eval:
+  data: {source: tiny, tasks: {add: {kind: add, levels: [1]}}, num_eval: 4}
+  sampled: false
+  include_base: false
+  max_new_tokens: 4
+stages:
+  rl:
+    type: rl
+    data: {source: tiny, tasks: {add: {kind: add, levels: [1, 2]}}, num_train: 64}
+    sampling: {n: 4, max_tokens: 6}
+    engine: {kind: vllm}
+    rewards: {specs: [{name: "tests.test_ep_stages:ep_parity"}]}
+    prompts_per_step: 4
+    max_gen_batches: 2
+    max_steps: 2
+    save_every: 0
+    log_samples_every: 0
+    optim: {lr: 1.0e-3, betas: [0.9, 0.99], weight_decay: 0.0, warmup_steps: 0, schedule: constant}
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.vllm
+def test_rl_stage_with_ep2_syncs_gathered_experts_to_vllm(tmp_path: Path) -> None:
+    (tmp_path / "rl_ep.yaml").write_text(RL_RECIPE)
+    rows = _run(
+        tmp_path,
+        f"recipe={tmp_path / 'rl_ep.yaml'}",
+        "launcher.nproc_per_node=2",
+        "parallel.ep_size=2",
+        stage="rl",
+    )
+    steps = [r for r in rows if r["step"] >= 1 and "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["rollout/groups_trained"] >= 1 and r["train/grad_norm"] > 0
+        assert {"ep/L0/max_load", "ep/L1/max_load"} <= set(r) and r["ep/all_to_all_ms"] > 0.0
+    # step 2 sampled from the weights trained at step 1, gathered from both ranks into each rank's vLLM
+    assert steps[1]["train/rollout_logprob_diff"] < 1e-4
+    sd = tmp_path / "runs" / "r" / "rl"
+    start = load_file(str(sd / "rollout_init" / "model.safetensors"))
+    w0 = _tiny_llama4()
+    assert set(start) == set(w0) and all(torch.equal(start[k], w0[k]) for k in w0)
+    end = load_file(str(sd / "checkpoint" / "model.safetensors"))
+    assert set(end) == set(w0) and any(not torch.equal(end[k], w0[k]) for k in w0 if ".experts." in k)

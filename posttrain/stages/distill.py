@@ -105,7 +105,7 @@ def run_distill(ctx: StageContext) -> None:
         if (norm := strategy.grad_norm()) is not None:
             metrics["train/grad_norm"] = norm
         if step % ctx.recipe.tracking.log_every == 0 or step == cfg.max_steps:
-            tracker.log(metrics, step)
+            tracker.log(metrics | strategy.ep_metrics(), step)  # ep_metrics: collective, {} without EP
         tracker.advance({"loss": loss_value, "λ": metrics["codistill/lambda_mean"]})
 
         if eval_ds is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:

@@ -114,7 +114,7 @@ def run_rl(ctx: StageContext) -> None:
         if pool is not None:
             metrics |= pool.metrics(step)
         metrics["time/step_s"] = time.perf_counter() - t0
-        tracker.log(metrics, step)
+        tracker.log(metrics | strategy.ep_metrics(), step)  # ep_metrics: collective, {} without EP
         if cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == 1):
             tracker.table("rollouts", sample_rows(batch.kept or batch.dropped, cfg.samples_per_log), step)
         tracker.advance({"reward": metrics.get("reward/mean", float("nan")), "groups": batch.kept_global})
@@ -532,9 +532,9 @@ def sample_rows(groups: list[RolloutGroup], k: int) -> list[dict[str, Any]]:
 
 
 def _periodic_eval(ctx: StageContext, tokenizer: Any, eval_ds: Any, step: int) -> None:
-    """Held-out greedy/sampled pass@1 of the current weights on rank 0 (ZeRO-3 weights gathered)."""
+    """Held-out greedy/sampled pass@1 of the current weights on rank 0 (ZeRO-3 / expert-parallel weights gathered)."""
     strategy = ctx.strategy
-    state = strategy.full_state_dict() if strategy.ds.zero_stage == 3 else None
+    state = strategy.full_state_dict() if strategy.model_is_sharded else None
     if not strategy.is_main:
         return
     model = strategy.module
