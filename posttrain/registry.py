@@ -70,7 +70,8 @@ class Registry(Generic[T]):
             self._items.setdefault(name, obj)
             return self._items[name]
         if ":" in name:
-            return _import_path(name, self.kind)
+            found: T = _import_path(name, self.kind)
+            return found
         valid = self.names()
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
