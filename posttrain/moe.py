@@ -15,7 +15,7 @@ ZeRO-3 placement family), the process groups come from ``deepspeed.utils.groups`
 ``split_params_into_different_moe_groups_for_optimizer``. Per model family:
 
   llama4 (Llama4ForCausalLM)   a layer spec built here — AutoEP has no Llama 4 preset — plus
-                               ``Llama4Router``: top-k of the raw router logits, then a sigmoid of the
+                               ``Llama4EPRouter``: top-k of the raw router logits, then a sigmoid of the
                                chosen logits, which scales the expert's *input*; shared expert added.
                                Exactly transformers' ``Llama4TextMoe`` math, ties included.
   qwen3_moe, qwen2_moe, mixtral   AutoEP's own presets.
@@ -114,7 +114,7 @@ def find_moe_blocks(model: nn.Module) -> list[str]:
 # Llama 4
 
 
-class Llama4Router(TokenChoiceTopKRouter):  # type: ignore[misc]
+class Llama4EPRouter(TokenChoiceTopKRouter):  # type: ignore[misc]
     """AutoEP router with transformers' ``Llama4Router`` math: top-k of the raw logits, then sigmoid.
 
     AutoEP's own sigmoid router takes the top-k of the sigmoid scores, which can pick another expert
@@ -173,7 +173,7 @@ def _llama4_specs(model: nn.Module) -> list[MoELayerSpec]:
 
 def _use_llama4_router(layer: nn.Module) -> None:
     old = layer.router
-    new = Llama4Router(
+    new = Llama4EPRouter(
         dim=old.gate.in_features,
         num_experts=old.num_experts,
         num_expert_groups=None,
@@ -251,13 +251,12 @@ class ExpertParallel:
         """
         counts = self.tokens_per_expert()  # [L, E], summed over ranks, reset
         out: dict[str, float] = {}
-        for i, (name, row) in enumerate(zip(self.layers, counts, strict=True)):
+        for i, row in enumerate(counts):  # MoE layers in model order
             total = float(row.sum())
             if total > 0:
                 mean = total / row.numel()
                 out[f"ep/L{i}/max_load"] = float(row.max()) / mean
                 out[f"ep/L{i}/min_load"] = float(row.min()) / mean
-            del name
         out["ep/routed_tokens"] = float(counts.sum()) / max(
             1, counts.shape[0]
         )  # token-expert assignments per layer

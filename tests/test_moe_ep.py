@@ -351,3 +351,36 @@ def test_resume_from_an_ep_checkpoint_is_exact(ep_run: Path, name: str) -> None:
     bit-equal to the uninterrupted run."""
     for res in load(ep_run, name):
         assert res["resume_max_diff"] == 0.0
+
+
+def test_llama4_router_matches_transformers_when_the_sigmoid_saturates() -> None:
+    """Llama 4 takes the top-k of the raw logits, then the sigmoid; a top-k of sigmoid scores (AutoEP's
+    own router) cannot tell logits 17 and 20 apart in fp32 (both sigmoid to 1.0). The expert-parallel
+    router must pick what transformers' ``Llama4Router`` picks, with the same scores."""
+    from deepspeed.moe.ep_router import TokenChoiceTopKRouter
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    from posttrain.moe import Llama4EPRouter
+
+    conf = Llama4TextConfig(hidden_size=4, num_local_experts=4, num_experts_per_tok=1)
+    hf = Llama4Router(conf)
+    kwargs = dict(dim=4, num_experts=4, num_expert_groups=None, num_limited_groups=None, top_k=1)
+    ours = Llama4EPRouter(**kwargs, score_func="sigmoid", route_norm=False, route_scale=1.0, gate_bias=False)
+    autoep = TokenChoiceTopKRouter(
+        **kwargs, score_func="sigmoid", route_norm=False, route_scale=1.0, gate_bias=False
+    )
+    with torch.no_grad():
+        for r in (hf, ours.gate, autoep.gate):
+            r.weight.copy_(torch.eye(4))
+    x = torch.tensor(
+        [[17.0, 20.0, 0.0, 0.0], [0.0, 0.0, -1.0, 2.0], [25.0, 18.0, 30.0, 0.0]]
+    )  # [T, H] = logits
+    hf_scores, _ = hf(x)  # [T, E]: sigmoid(top logit) at the chosen expert, 0 elsewhere
+    top, chosen, counts = ours(x)
+    assert chosen[:, 0].tolist() == [1, 3, 2] == hf_scores.argmax(-1).tolist()
+    assert torch.equal(top[:, 0], hf_scores.max(-1).values)
+    assert counts.tolist() == [0, 1, 1, 1]
+    # sigmoid first: rows 0 and 2 are ties that top-k breaks by position, not by the logits
+    scores = torch.sigmoid(autoep.gate(x))  # [T, E]
+    assert scores[0, 0] == scores[0, 1] == 1.0 and scores[2, 0] == scores[2, 2] == 1.0
