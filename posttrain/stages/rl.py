@@ -108,9 +108,10 @@ def run_rl(ctx: StageContext) -> None:
             metrics["rollout/sync_seconds"] = engine.metrics()["rollout/sync_seconds"]
         step += 1
 
-        for key in ("rollouts", "groups", "groups_zero_adv", "skipped_updates"):
+        for key in ("rollouts", "filter_rollouts", "groups", "groups_zero_adv", "skipped_updates"):
             totals[key] = totals.get(key, 0.0) + metrics.pop(f"_count/{key}", 0.0)
         metrics |= {f"total/{k}": v for k, v in totals.items()}
+        metrics["total/rollouts_all"] = totals["rollouts"] + totals["filter_rollouts"]  # completions generated
         if pool is not None:
             metrics |= pool.metrics(step)
         metrics["time/step_s"] = time.perf_counter() - t0
@@ -392,7 +393,7 @@ def filter_pass(
     out |= {f"filter/to_{status}": float(n) for status, n in report.moved.items()}
     out["filter/checked"] = float(report.checked)
     out["filter/seconds"] = time.perf_counter() - t0
-    out["_count/rollouts"] = float(sum(n for n, _ in results.values()))
+    out["_count/filter_rollouts"] = float(sum(n for n, _ in results.values()))
     return out
 
 

@@ -1,0 +1,193 @@
+"""Plain GRPO vs zero-advantage filtering vs the full continuous curriculum, same number of updates.
+
+    python bench/curriculum_experiment.py --out runs/curriculum_bench            # SFT once, then 3 x 2 RL runs
+    python bench/curriculum_experiment.py --sft runs/x/sft/checkpoint --seeds 0 1 2 --steps 300
+
+Every variant starts from the same SFT checkpoint of the tiny world (2-digit addition, dense tiny
+Llama), runs ``--steps`` policy updates with the measured GRPO recipe (DESIGN.md: 16 prompts x 8
+samples at T=1, exact-match reward, lr 1e-4 constant after 10 warmup steps, no KL) and differs only in:
+
+  plain       every sampled group is trained on (zero-advantage groups add tokens, no signal); 1 generation round
+  zero_adv    zero-advantage groups dropped, more prompts generated until 16 informative groups (<= 4 rounds)
+  curriculum  zero_adv + the continuous curriculum: a 256-prompt pool refreshed from the dataset,
+              filter passes (8 samples/prompt) every 50 steps keeping pass rates in [0, 1], retiring a
+              prompt only after 2 consecutive all-correct checks, hopeless prompts to a re-checked backlog
+
+It prints held-out **sampled** pass@1 (temperature 1) at the eval steps and the rollouts (completions
+generated, filter passes included) each variant used, per seed and as the mean over seeds. Each run
+is a `posttrain run` subprocess; results are cached in ``--out`` so an interrupted bench resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TASKS = {"add": {"kind": "add", "levels": [2]}}
+
+# Packed rows (random order); 250 steps gave 57% greedy / 39% sampled held-out pass@1 here: the
+# middle ground where RL works (DESIGN.md: from ~10% it learns nothing).
+SFT_STAGE: dict[str, Any] = {
+    "type": "sft",
+    "data": {"source": "tiny", "tasks": TASKS, "num_train": 60000},
+    "pack": True,
+    "seq_len": 64,
+    "max_steps": 250,
+    "micro_batch_size": 32,
+    "optim": {"lr": 3.0e-3, "warmup_steps": 20, "schedule": "cosine"},
+    "save_every": 0,
+}
+
+RL_BASE: dict[str, Any] = {
+    "type": "rl",
+    "data": {"source": "tiny", "tasks": TASKS, "num_train": 20000},
+    "sampling": {"n": 8, "temperature": 1.0, "max_tokens": 8},
+    "rewards": {"specs": [{"name": "exact_match"}]},
+    "prompts_per_step": 16,
+    "save_every": 0,
+    "log_samples_every": 50,
+    "loss": {"log_kl": False},
+}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"filter_zero_advantage": False, "max_gen_batches": 1},
+    "zero_adv": {"filter_zero_advantage": True, "max_gen_batches": 4},
+    "curriculum": {
+        "filter_zero_advantage": True,
+        "max_gen_batches": 4,
+        "curriculum": {"enabled": True, "pool_size": 256, "band": [0.0, 1.0], "refilter_every": 50,
+                       "filter_samples": 8, "pass_k": 8, "retire_after": 2, "backlog_recheck_every": 2},
+    },
+}
+
+
+def recipe(name: str, out: Path, seed: int, model: dict[str, Any], stages: dict[str, Any], num_eval: int) -> Path:
+    doc = {
+        "description": f"curriculum bench: {name}",
+        "run": {"name": name, "dir": str(out), "seed": seed},
+        "model": model,
+        "deepspeed": {"zero_stage": 0},
+        "tracking": {"progress": False, "log_every": 10, "wandb": {"mode": "disabled"}},
+        "eval": {"data": {"source": "tiny", "tasks": TASKS, "num_eval": num_eval}, "max_new_tokens": 8,
+                 "include_base": False, "batch_size": 500},
+        "stages": stages,
+    }
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run(path: Path, log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", f"recipe={path}"], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{path.name} failed (exit {proc.returncode}); see {log}")
+
+
+def tiny_model() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "recipes" / "model" / "tiny_llama.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def collect(stage_dir: Path, eval_at: list[int], steps: int) -> dict[str, Any]:
+    rows = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    by_step = {r["step"]: r for r in rows}
+    final = json.loads((stage_dir / "eval.json").read_text())
+    out: dict[str, Any] = {}
+    for s in eval_at:
+        r = by_step.get(s, {})
+        out[f"sampled@{s}"] = final["sampled_pass@1"] if s == steps else r.get("eval/sampled_pass@1")
+        out[f"greedy@{s}"] = final["greedy_pass@1"] if s == steps else r.get("eval/greedy_pass@1")
+        out[f"rollouts@{s}"] = r.get("total/rollouts_all")
+    out["zero_adv_frac"] = statistics.mean(r["rollout/zero_adv_frac"] for r in rows if "rollout/zero_adv_frac" in r)
+    out["seconds"] = (stage_dir / "DONE").stat().st_mtime - (stage_dir / "metrics.jsonl").stat().st_ctime
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/curriculum_bench"))
+    ap.add_argument("--sft", type=Path, default=None, help="an SFT checkpoint dir (default: train one here)")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--num-eval", type=int, default=500, help="held-out prompts (sampled pass@1 noise ~ 0.5/sqrt(n))")
+    args = ap.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    sft = args.sft
+    if sft is None:
+        path = recipe("sft", out, 0, tiny_model(), {"sft": SFT_STAGE}, args.num_eval)
+        if not (out / "sft" / "DONE").exists():
+            print(f"[bench] SFT checkpoint: {path}", flush=True)
+            run(path, out / "sft.log")
+        sft = out / "sft" / "sft" / "checkpoint"
+        start = json.loads((out / "sft" / "sft" / "eval.json").read_text())
+    else:  # the SFT stage's own held-out eval, when the checkpoint came from a posttrain run
+        saved = Path(sft).parent / "eval.json"
+        start = json.loads(saved.read_text()) if saved.exists() else {}
+    model = {"name_or_path": str(Path(sft).resolve()), "tokenizer": "char", "dtype": "float32"}
+    eval_at = list(range(args.eval_every, args.steps + 1, args.eval_every))
+
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for seed in args.seeds:
+        for variant in args.variants:
+            name = f"{variant}_s{seed}"
+            stage = {**RL_BASE, **VARIANTS[variant], "max_steps": args.steps, "eval_every": args.eval_every}
+            path = recipe(name, out, seed, model, {"rl": stage}, args.num_eval)
+            if not (out / name / "DONE").exists():
+                t0 = time.time()
+                print(f"[bench] {name} ...", flush=True)
+                run(path, out / f"{name}.log")
+                print(f"[bench] {name} done in {time.time() - t0:.0f} s", flush=True)
+            results.setdefault(variant, {})[seed] = collect(out / name / "rl", eval_at, args.steps)
+    (out / "results.json").write_text(json.dumps({"start": start, "results": results}, indent=1))
+    print(table(results, eval_at, start, args.num_eval))
+
+
+def table(results: dict[str, dict[int, dict[str, Any]]], eval_at: list[int], start: dict[str, Any], num_eval: int) -> str:
+    lines = [f"held-out sampled pass@1 (T=1, {num_eval} prompts) and rollouts used; tiny dense Llama, 2-digit addition"]
+    if start:
+        lines.append(f"SFT start: sampled {start['sampled_pass@1']:.3f}, greedy {start['greedy_pass@1']:.3f}")
+    head = ["variant", "seed"] + [f"@{s}" for s in eval_at] + [f"rollouts@{s}" for s in eval_at] + ["greedy@end", "zero-adv frac"]
+    rows = []
+    for variant, seeds in results.items():
+        for seed, r in sorted(seeds.items()):
+            rows.append([variant, str(seed)] + [_f(r[f"sampled@{s}"]) for s in eval_at] + [_i(r[f"rollouts@{s}"]) for s in eval_at]
+                        + [_f(r[f"greedy@{eval_at[-1]}"]), _f(r["zero_adv_frac"])])
+        rows.append([variant, "mean"] + [_f(_mean(seeds, f"sampled@{s}")) for s in eval_at]
+                    + [_i(_mean(seeds, f"rollouts@{s}")) for s in eval_at]
+                    + [_f(_mean(seeds, f"greedy@{eval_at[-1]}")), _f(_mean(seeds, "zero_adv_frac"))])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([*lines, fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+
+def _mean(seeds: dict[int, dict[str, Any]], key: str) -> float | None:
+    values = [v[key] for v in seeds.values() if v[key] is not None]
+    return statistics.mean(values) if values else None
+
+
+def _f(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _i(x: Any) -> str:
+    return "-" if x is None else f"{int(x)}"
+
+
+if __name__ == "__main__":
+    main()
