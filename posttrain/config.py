@@ -411,8 +411,12 @@ class SFTConfig:
     max_steps: int = 500
     micro_batch_size: int = 64  # sequences per micro-batch per rank
     grad_accum: int = 1
-    pack: bool = False  # True: pack several examples per row; False: length-grouped batches
+    pack: bool = True  # pack several examples per row (position ids restart; no cross-attention)
     seq_len: int = 64  # row length when packing
+    # Unpacked batches only: group examples of similar length (less padding). Off by default: when
+    # length correlates with the answer (3-digit sums start with 1), same-length batches leak the
+    # label into the batch and training stalls — measured on the tiny world.
+    group_by_length: bool = False
     save_every: int = 100  # resume-state checkpoint interval (steps)
     data_filters: tuple[str, ...] = ()  # names in the data-filter registry, applied in order
     codistill: CodistillConfig | None = None  # set: the loss becomes codistill_loss against this teacher

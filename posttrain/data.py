@@ -210,13 +210,20 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, seq_len: int)
     return {"input_ids": ids, "position_ids": pos, "labels": labels}
 
 
+def random_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    order = list(range(n))
+    rng.shuffle(order)
+    return [order[j : j + batch_size] for j in range(0, n - batch_size + 1, batch_size)]
+
+
 def epoch_batches(
-    examples: Sequence[Example], batch_size: int, seed: int, epoch: int, pack: bool, seq_len: int
+    examples: Sequence[Example], batch_size: int, seed: int, epoch: int, pack: bool, seq_len: int, group_by_length: bool = False
 ) -> list[list[list[int]]]:
     """The epoch's micro-batches as lists of rows of example indices (a row is one example unless packing)."""
     rng = random.Random(f"{seed}:{epoch}")
     if not pack:
-        return [[[i] for i in b] for b in length_grouped_batches(examples, batch_size, rng)]
+        batches = length_grouped_batches(examples, batch_size, rng) if group_by_length else random_batches(len(examples), batch_size, rng)
+        return [[[i] for i in b] for b in batches]
     order = list(range(len(examples)))
     rng.shuffle(order)
     rows = pack_rows(examples, order, seq_len)
@@ -224,12 +231,12 @@ def epoch_batches(
 
 
 def iterate_forever(
-    examples: Sequence[Example], batch_size: int, seed: int, pack: bool, seq_len: int, start: int = 0
+    examples: Sequence[Example], batch_size: int, seed: int, pack: bool, seq_len: int, start: int = 0, group_by_length: bool = False
 ) -> Iterator[list[list[int]]]:
     """Micro-batches across epochs, starting at global micro-batch index ``start`` (for resume)."""
     epoch, skip = 0, start
     while True:
-        batches = epoch_batches(examples, batch_size, seed, epoch, pack, seq_len)
+        batches = epoch_batches(examples, batch_size, seed, epoch, pack, seq_len, group_by_length)
         if not batches:
             raise DataError(f"fewer examples ({len(examples)}) than one micro-batch ({batch_size}); lower micro_batch_size")
         if skip >= len(batches):

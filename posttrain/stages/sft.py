@@ -1,6 +1,6 @@
 """Supervised fine-tuning: one readable loop.
 
-data -> (data filters) -> tokenise (loss on completion tokens only) -> length-grouped or packed
+data -> (data filters) -> tokenise (loss on completion tokens only) -> packed (default) or padded
 micro-batches -> per-token NLL, aggregated over the whole optimizer step -> DeepSpeed step ->
 periodic held-out eval and resume state -> HF checkpoint.
 
@@ -53,7 +53,9 @@ def run_sft(ctx: StageContext) -> None:
     step = int(state.get("step", 0))
     tracker.resume_at(step)
     per_step = cfg.grad_accum * strategy.world_size
-    stream = iterate_forever(examples, cfg.micro_batch_size, ctx.seed, cfg.pack, cfg.seq_len, start=step * per_step)
+    stream = iterate_forever(
+        examples, cfg.micro_batch_size, ctx.seed, cfg.pack, cfg.seq_len, start=step * per_step, group_by_length=cfg.group_by_length
+    )
     tracker.progress(cfg.max_steps, step, desc=f"{ctx.name} (sft)")
 
     # ---- loop ------------------------------------------------------------------------------
