@@ -145,9 +145,9 @@ def train_arm(arm: Arm, seed: int, data: dict[str, Any], args: argparse.Namespac
     hits = [o == r["answer"] for o, r in zip(outs, ev, strict=True)]
     wrong = [teacher_is_wrong(r["prompt"], args.wrong_letters) for r in ev]
 
-    def acc(sel: list[bool]) -> float:
+    def acc(sel: list[bool]) -> float:  # nan when the region is empty (a teacher with no errors)
         xs = [h for h, s in zip(hits, sel, strict=True) if s]
-        return sum(xs) / max(1, len(xs))
+        return sum(xs) / len(xs) if xs else float("nan")
 
     n = args.steps
     return {
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = [a for a in ARMS if args.arms is None or a.name in args.arms]
     print(
         f"reverse len {args.length}: teacher wrong on {data['wrong_fraction']:.1%} of the training examples "
-        f"(strings starting with {args.wrong_letters[0]}-{args.wrong_letters[-1]}; conf right {args.conf_right}, "
+        f"(strings starting with one of {args.wrong_letters!r}; conf right {args.conf_right}, "
         f"wrong {args.conf_wrong}); {args.steps} steps x {args.batch_size}, seeds {args.seeds}",
         flush=True,
     )
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {arm.name:28s} seed {seed}: acc {r['acc']:.3f} ({r['train_s']:.0f}s)", flush=True)
 
     def mean(name: str, key: str) -> float:
-        return statistics.fmean(r[key] for r in results[name])
+        return statistics.fmean(r[key] for r in results[name])  # nan stays nan and prints as "nan"
 
     fixed = [a.name for a in arms if a.modes == ("fixed",)]
     best_fixed = max(fixed, key=lambda n: mean(n, "acc")) if fixed else None

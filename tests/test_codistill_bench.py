@@ -9,6 +9,7 @@ the hard label in charge exactly there, so it recovers that region while still u
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ def test_noisy_teacher_soft_only_learns_its_error_and_confidence_weighting_does_
     spec = importlib.util.spec_from_file_location("codistill_noisy_teacher", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
     arms = ["hard-only (λ=0)", "soft-only (λ=1)", "teacher_confidence"]
     out = bench.main(
