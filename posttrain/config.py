@@ -444,8 +444,9 @@ class DistillConfig:
     max_steps: int = 500
     micro_batch_size: int = 64  # sequences per micro-batch per rank
     grad_accum: int = 1
-    pack: bool = False  # True: pack several examples per row; False: length-grouped batches
+    pack: bool = True  # pack several examples per row (position ids restart; no cross-attention)
     seq_len: int = 64  # row length when packing
+    group_by_length: bool = False  # unpacked batches only; see SFTConfig.group_by_length
     save_every: int = 100  # resume-state checkpoint interval (steps)
 
     def check(self, path: str) -> None:

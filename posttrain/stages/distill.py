@@ -1,7 +1,7 @@
 """Distillation from a teacher: the SFT loop with ``codistill_loss``.
 
 corpus -> teacher targets, either online (teacher forward in the same step, no grad) or offline
-(top-k log-probs written once to an Arrow dir, then read batch by batch) -> length-grouped or packed
+(top-k log-probs written once to an Arrow dir, then read batch by batch) -> packed (default) or padded
 micro-batches -> (1 − λ_t)·CE + λ_t·τ²·D(teacher ‖ student), aggregated over the whole optimizer
 step -> DeepSpeed step -> periodic held-out eval and resume state -> HF checkpoint.
 
@@ -68,8 +68,9 @@ def run_distill(ctx: StageContext) -> None:
     tracker.resume_at(step)
     per_step = cfg.grad_accum * strategy.world_size
     stream = iterate_forever(
-        examples, cfg.micro_batch_size, ctx.seed, cfg.pack, cfg.seq_len, start=step * per_step
-    )
+        examples, cfg.micro_batch_size, ctx.seed, cfg.pack, cfg.seq_len, start=step * per_step,
+        group_by_length=cfg.group_by_length,
+    )  # fmt: skip
     tracker.progress(cfg.max_steps, step, desc=f"{ctx.name} (distill)")
 
     # ---- loop ------------------------------------------------------------------------------
