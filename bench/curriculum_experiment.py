@@ -102,7 +102,9 @@ def tiny_model() -> dict[str, Any]:
 
 def collect(stage_dir: Path, eval_at: list[int], steps: int) -> dict[str, Any]:
     rows = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    by_step = {r["step"]: r for r in rows}
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in rows:  # a step can have several rows (training metrics, then the periodic eval)
+        by_step.setdefault(r["step"], {}).update(r)
     final = json.loads((stage_dir / "eval.json").read_text())
     out: dict[str, Any] = {}
     for s in eval_at:
