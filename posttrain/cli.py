@@ -25,6 +25,7 @@ import yaml
 
 from posttrain.config import ConfigError, Recipe, parse_recipe, to_dict
 from posttrain.errors import UserError
+from posttrain.parallel import check_recipe
 
 
 def recipes_dir() -> Path:
@@ -117,6 +118,8 @@ def _launch_ranks(recipe: Recipe, argv: list[str]) -> int:
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = compose(*_split_recipe_arg(args.overrides))
+    if "LOCAL_RANK" not in os.environ:  # posttrain starts the ranks: check the layout before they start
+        check_recipe(recipe)
     if recipe.launcher.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_ranks(recipe, argv)
     if recipe.launcher.nnodes > 1 and "LOCAL_RANK" not in os.environ:

@@ -39,16 +39,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from deepspeed.module_inject.auto_ep import AutoEP
-from deepspeed.module_inject.auto_ep_config import AutoEPConfig, MoELayerSpec
-from deepspeed.moe.ep_count import count_tokens_per_expert
-from deepspeed.moe.ep_router import TokenChoiceTopKRouter
-from deepspeed.moe.fused_expert_layout import classify_fused_gate_up_layout
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups
 from torch import nn
 
 from posttrain.config import ConfigError
+from posttrain.parallel import check_ep_size, num_routed_experts
+
+# DeepSpeed is imported inside the functions that use it: this module is imported by the strategy only
+# when ep_size > 1.
 
 # The model families whose MoE blocks can be made expert-parallel (HF ``config.model_type``).
 SUPPORTED_MODEL_TYPES = ("llama4_text", "llama4", "qwen3_moe", "qwen2_moe", "mixtral")
@@ -56,44 +53,7 @@ _A2A_TIMER = "all_to_all_single"  # deepspeed.comm's timer name for the dispatch
 
 
 # --------------------------------------------------------------------------------------------------
-# Checks
-
-
-def num_routed_experts(model_config: Any) -> int | None:
-    """Routed experts per MoE layer from an HF config (``num_local_experts`` or ``num_experts``)."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    for attr in ("num_local_experts", "num_experts"):
-        value = getattr(text, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def check_ep_size(ep_size: int, world_size: int, num_experts: int | None) -> None:
-    """Raise a one-line ``ConfigError`` when ``ep_size`` cannot split these ranks and experts."""
-    if ep_size < 1:
-        raise ConfigError(f"parallel.ep_size must be >= 1, got {ep_size}")
-    if ep_size == 1:
-        return
-    if ep_size > world_size:
-        raise ConfigError(
-            f"parallel.ep_size={ep_size} is larger than the number of ranks ({world_size}); "
-            f"launch at least {ep_size} ranks (launcher.nproc_per_node x launcher.nnodes) or lower parallel.ep_size"
-        )
-    if world_size % ep_size:
-        raise ConfigError(
-            f"parallel.ep_size={ep_size} does not divide the number of ranks ({world_size}); "
-            "use a divisor of the rank count"
-        )
-    if num_experts is None:
-        raise ConfigError(
-            f"parallel.ep_size={ep_size} but the model has no routed experts (a dense model); set parallel.ep_size=1"
-        )
-    if num_experts % ep_size:
-        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        raise ConfigError(
-            f"parallel.ep_size={ep_size} does not divide the model's {num_experts} routed experts; use one of {divisors}"
-        )
+# MoE blocks
 
 
 def find_moe_blocks(model: nn.Module) -> list[str]:
@@ -114,24 +74,39 @@ def find_moe_blocks(model: nn.Module) -> list[str]:
 # Llama 4
 
 
-class Llama4EPRouter(TokenChoiceTopKRouter):  # type: ignore[misc]
-    """AutoEP router with transformers' ``Llama4Router`` math: top-k of the raw logits, then sigmoid.
+class Llama4EPRouter(nn.Module):
+    """The router of an expert-parallel Llama 4 block, with transformers' ``Llama4Router`` math: top-k of
+    the raw logits, then the sigmoid of the chosen ones (in the logits' dtype).
 
-    AutoEP's own sigmoid router takes the top-k of the sigmoid scores, which can pick another expert
-    when two logits saturate the sigmoid (fp32 ``sigmoid(17) == sigmoid(20) == 1``); this one cannot.
-    Scores keep the logits' dtype, as in transformers.
+    It stands in for AutoEP's ``TokenChoiceTopKRouter`` (same call and outputs, same ``gate``), whose
+    sigmoid router takes the top-k of the sigmoid *scores*: when two logits saturate the sigmoid (fp32
+    ``sigmoid(17) == sigmoid(20) == 1``) that picks an expert by position, this one by logit.
     """
 
-    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    score_func = "sigmoid"
+
+    def __init__(self, gate: nn.Linear, top_k: int) -> None:
+        super().__init__()
+        self.gate = gate  # [E, H] weight, shared with the block it came from
+        self.num_experts = gate.out_features
+        self.top_k = top_k
+
+    def forward(
+        self, x: torch.Tensor, expert_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> top scores [T, K], chosen experts [T, K], tokens per expert [E] (int32)."""
         if expert_bias is not None:
             raise ValueError("Llama 4 routing has no expert bias (AutoEP load_balance_coeff must stay unset)")
         logits = self.gate(x)  # [T, E]
         top_logits, selected = torch.topk(logits, self.top_k, dim=1)  # [T, K]
         top_scores = torch.sigmoid(top_logits.float()).to(logits.dtype)  # [T, K]
-        return top_scores, selected, count_tokens_per_expert(selected, self.num_experts)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)  # [E]
+        counts.scatter_add_(0, selected.reshape(-1), torch.ones_like(selected.reshape(-1), dtype=torch.int32))
+        return top_scores, selected, counts
 
 
-def _llama4_specs(model: nn.Module) -> list[MoELayerSpec]:
+def _llama4_specs(model: nn.Module) -> list[Any]:
+    from deepspeed.module_inject.auto_ep_config import MoELayerSpec
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
     specs = []
@@ -172,20 +147,8 @@ def _llama4_specs(model: nn.Module) -> list[MoELayerSpec]:
 
 
 def _use_llama4_router(layer: nn.Module) -> None:
-    old = layer.router
-    new = Llama4EPRouter(
-        dim=old.gate.in_features,
-        num_experts=old.num_experts,
-        num_expert_groups=None,
-        num_limited_groups=None,
-        top_k=old.top_k,
-        score_func="sigmoid",
-        route_norm=False,
-        route_scale=1.0,
-        gate_bias=False,
-    )
-    new.gate = old.gate  # the same parameter, with AutoEP's replicated-parameter marks
-    layer.router = new
+    # the same gate parameter, with AutoEP's replicated-parameter marks
+    layer.router = Llama4EPRouter(layer.router.gate, layer.router.top_k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,6 +186,8 @@ class ExpertParallel:
 
     @property
     def ep_group(self) -> Any:
+        from deepspeed.utils import groups
+
         return groups._get_expert_parallel_group(self.group_name)
 
     def expert_parameters(self) -> list[nn.Parameter]:
@@ -357,6 +322,8 @@ def _a2a_elapsed_ms() -> float:
 
 
 def _hf_layout(block: nn.Module, spec: Any) -> _HFLayout:
+    from deepspeed.moe.fused_expert_layout import classify_fused_gate_up_layout
+
     if spec.expert_storage != "fused_3d":
         raise ConfigError(
             f"expert parallelism: '{spec.moe_module_name}' stores experts as a module list; "
@@ -392,6 +359,10 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertParallel:
     not fit the ranks or experts, or the model family has no EP support; asserts that every MoE block
     was replaced, so a run never falls back silently to plain data parallelism.
     """
+    from deepspeed.module_inject.auto_ep import AutoEP
+    from deepspeed.module_inject.auto_ep_config import AutoEPConfig
+    from deepspeed.utils import groups
+
     config = getattr(model, "config", None)
     world_size = torch.distributed.get_world_size()
     num_experts = num_routed_experts(config) if config is not None else None
@@ -450,6 +421,8 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertParallel:
 def moe_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Optimizer groups with the expert parameters moved into DeepSpeed MoE groups (``moe=True``,
     ``name=group_name``), as ZeRO 1/2 require. Each input group needs a unique ``name``."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
     if any("name" not in g for g in param_groups):
         raise ValueError("moe_param_groups: every optimizer param group needs a 'name'")
     return split_params_into_different_moe_groups_for_optimizer(param_groups)  # type: ignore[no-any-return]

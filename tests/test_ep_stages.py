@@ -160,3 +160,47 @@ def test_rl_stage_with_ep2_syncs_gathered_experts_to_vllm(tmp_path: Path) -> Non
     assert set(start) == set(w0) and all(torch.equal(start[k], w0[k]) for k in w0)
     end = load_file(str(sd / "checkpoint" / "model.safetensors"))
     assert set(end) == set(w0) and any(not torch.equal(end[k], w0[k]) for k in w0 if ".experts." in k)
+
+
+def test_bad_ep_size_fails_before_any_rank_starts(run_cli) -> None:
+    res = run_cli("run", "recipe=quickstart", "parallel.ep_size=4", "launcher.nproc_per_node=2", timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0] == (
+        "posttrain: error: parallel.ep_size=4 is larger than the number of ranks (2); launch at least 4 ranks "
+        "(launcher.nproc_per_node x launcher.nnodes) or lower parallel.ep_size"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["parallel.ep_size=3", "launcher.nproc_per_node=3"],
+            "parallel.ep_size=3 does not divide the model's 4 routed experts",
+        ),
+        (
+            ["parallel.ep_size=2", "launcher.nproc_per_node=3"],
+            "parallel.ep_size=2 does not divide the number of ranks (3)",
+        ),
+        (
+            ["parallel.ep_size=2", "launcher.nproc_per_node=2", "model=tiny_llama"],
+            "(a dense model); set parallel.ep_size=1",
+        ),
+        (["parallel.ep_size=2"], "larger than the number of ranks (1)"),
+        (["parallel.ep_size=2", "launcher.nproc_per_node=4"], None),
+        (["parallel.ep_size=4", "launcher.nproc_per_node=2", "launcher.nnodes=2"], None),
+    ],
+)
+def test_recipe_check_of_the_ep_layout(overrides: list[str], message: str | None) -> None:
+    from posttrain.cli import compose
+    from posttrain.config import ConfigError
+    from posttrain.parallel import check_recipe
+
+    recipe = compose("quickstart", overrides)
+    if message is None:
+        check_recipe(recipe)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_recipe(recipe)
+    assert message in str(info.value) and "\n" not in str(info.value)

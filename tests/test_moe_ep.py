@@ -326,7 +326,7 @@ def test_bad_ep_size_is_one_clear_line(ep_run: Path) -> None:
 
 
 def test_ep_size_checks() -> None:
-    from posttrain.moe import check_ep_size
+    from posttrain.parallel import check_ep_size
 
     check_ep_size(1, 1, None)
     check_ep_size(2, 4, 4)
@@ -365,14 +365,14 @@ def test_llama4_router_matches_transformers_when_the_sigmoid_saturates() -> None
 
     conf = Llama4TextConfig(hidden_size=4, num_local_experts=4, num_experts_per_tok=1)
     hf = Llama4Router(conf)
-    kwargs = dict(dim=4, num_experts=4, num_expert_groups=None, num_limited_groups=None, top_k=1)
-    ours = Llama4EPRouter(**kwargs, score_func="sigmoid", route_norm=False, route_scale=1.0, gate_bias=False)
     autoep = TokenChoiceTopKRouter(
-        **kwargs, score_func="sigmoid", route_norm=False, route_scale=1.0, gate_bias=False
-    )
+        dim=4, num_experts=4, num_expert_groups=None, num_limited_groups=None, top_k=1,
+        score_func="sigmoid", route_norm=False, route_scale=1.0, gate_bias=False,
+    )  # fmt: skip
     with torch.no_grad():
-        for r in (hf, ours.gate, autoep.gate):
+        for r in (hf, autoep.gate):
             r.weight.copy_(torch.eye(4))
+    ours = Llama4EPRouter(autoep.gate, top_k=1)
     x = torch.tensor(
         [[17.0, 20.0, 0.0, 0.0], [0.0, 0.0, -1.0, 2.0], [25.0, 18.0, 30.0, 0.0]]
     )  # [T, H] = logits
