@@ -146,7 +146,7 @@ def _llama4_specs(model: nn.Module) -> list[Any]:
     return specs
 
 
-def _use_llama4_router(layer: nn.Module) -> None:
+def _use_llama4_router(layer: Any) -> None:  # an AutoEPMoELayer
     # the same gate parameter, with AutoEP's replicated-parameter marks
     layer.router = Llama4EPRouter(layer.router.gate, layer.router.top_k)
 
@@ -177,7 +177,7 @@ class ExpertParallel:
     ep_rank: int
     group_name: str  # DeepSpeed's group name, f"ep_size_{ep_size}"
     num_experts: int
-    layers: dict[str, nn.Module]  # block name -> AutoEPMoELayer
+    layers: dict[str, Any]  # block name -> AutoEPMoELayer (DeepSpeed)
     layouts: dict[str, _HFLayout]
 
     @property
