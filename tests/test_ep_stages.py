@@ -1,6 +1,6 @@
 """Training stages with expert parallelism, end to end through `posttrain run` on 2 ranks.
 
-SFT. The SFT stage of the quickstart recipe (tiny Llama 4: 2 MoE layers x 4 experts) runs with
+SFT. A few-step SFT stage (packed rows; tiny Llama 4: 2 MoE layers x 4 experts) runs with
 ``launcher.nproc_per_node=2 parallel.ep_size=2`` — the CLI re-launches itself under torchrun, each
 rank keeps 2 of the 4 experts per layer, ZeRO-2 — with a periodic held-out evaluation and resume
 states on the way (both need the experts gathered from the two ranks). The reference is the same
@@ -35,21 +35,36 @@ from posttrain.plugins import reward
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-SFT = [
-    "recipe=quickstart",
-    "model=tiny_llama4",
-    "deepspeed=zero2",
-    "eval.data.num_eval=8",
-    "eval.sampled=false",
-    "eval.include_base=false",
-    f"stages.warmup.max_steps={STEPS}",
-    "stages.warmup.micro_batch_size=8",
-    "stages.warmup.data.num_train=400",
-    "stages.warmup.save_every=2",
-    "stages.warmup.eval_every=3",
-    "tracking.progress=false",
-    "tracking.log_every=1",
-]
+SFT_RECIPE = f"""
+defaults:
+  - model: tiny_llama4
+  - deepspeed: zero2
+  - _self_
+run: {{name: r, seed: 0}}
+tracking: {{progress: false, log_every: 1}}
+eval:
+  data: {{source: tiny, tasks: {{add: {{kind: add, levels: [2]}}}}, num_eval: 8}}
+  sampled: false
+  include_base: false
+  max_new_tokens: 4
+stages:
+  warmup:
+    type: sft
+    data: {{source: tiny, tasks: {{add: {{kind: add, levels: [1, 2]}}}}, num_train: 400}}
+    pack: true
+    seq_len: 64
+    max_steps: {STEPS}
+    micro_batch_size: 8
+    optim: {{lr: 3.0e-3, warmup_steps: 2, schedule: cosine}}
+    save_every: 2
+    eval_every: 3
+"""
+
+
+def _recipe(directory: Path, text: str) -> str:
+    path = directory / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
 
 
 def _run(cwd: Path, *args: str, stage: str = "warmup") -> list[dict[str, float]]:
@@ -72,8 +87,9 @@ def _tiny_llama4() -> dict[str, torch.Tensor]:
 def test_sft_stage_with_ep2_equals_one_process(tmp_path: Path) -> None:
     ep_dir, ref_dir = tmp_path / "ep", tmp_path / "ref"
     ep_dir.mkdir(), ref_dir.mkdir()
-    ep = _run(ep_dir, *SFT, "run.name=r", "launcher.nproc_per_node=2", "parallel.ep_size=2")
-    ref = _run(ref_dir, *SFT, "run.name=r", "stages.warmup.grad_accum=2")
+    recipe = f"recipe={_recipe(tmp_path, SFT_RECIPE)}"
+    ep = _run(ep_dir, recipe, "launcher.nproc_per_node=2", "parallel.ep_size=2")
+    ref = _run(ref_dir, recipe, "stages.warmup.grad_accum=2")
 
     train_ep = [r for r in ep if "train/loss" in r]
     train_ref = [r for r in ref if "train/loss" in r]
@@ -162,8 +178,9 @@ def test_rl_stage_with_ep2_syncs_gathered_experts_to_vllm(tmp_path: Path) -> Non
     assert set(end) == set(w0) and any(not torch.equal(end[k], w0[k]) for k in w0 if ".experts." in k)
 
 
-def test_bad_ep_size_fails_before_any_rank_starts(run_cli) -> None:
-    res = run_cli("run", "recipe=quickstart", "parallel.ep_size=4", "launcher.nproc_per_node=2", timeout=120)
+def test_bad_ep_size_fails_before_any_rank_starts(run_cli, tmp_path: Path) -> None:
+    recipe = f"recipe={_recipe(tmp_path, SFT_RECIPE)}"
+    res = run_cli("run", recipe, "parallel.ep_size=4", "launcher.nproc_per_node=2", timeout=120)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
     assert lines[0] == (
@@ -192,12 +209,12 @@ def test_bad_ep_size_fails_before_any_rank_starts(run_cli) -> None:
         (["parallel.ep_size=4", "launcher.nproc_per_node=2", "launcher.nnodes=2"], None),
     ],
 )
-def test_recipe_check_of_the_ep_layout(overrides: list[str], message: str | None) -> None:
+def test_recipe_check_of_the_ep_layout(overrides: list[str], message: str | None, tmp_path: Path) -> None:
     from posttrain.cli import compose
     from posttrain.config import ConfigError
     from posttrain.parallel import check_recipe
 
-    recipe = compose("quickstart", overrides)
+    recipe = compose(_recipe(tmp_path, SFT_RECIPE), overrides)
     if message is None:
         check_recipe(recipe)
         return
