@@ -121,18 +121,21 @@ def check_run_dir(recipe: Recipe) -> None:
 
 
 def prepare_run_dir(recipe: Recipe, is_main: bool) -> Path:
-    check_run_dir(recipe)
+    """Rank 0 checks and (re)creates the run dir; the other ranks wait for it at the next barrier
+    (they already passed ``check_run_dir`` before any rank wrote anything)."""
     rd = run_dir(recipe)
-    saved = rd / "recipe.yaml"
-    new = _comparable(recipe)
-    if is_main and _conflict(recipe):
+    if not is_main:
+        return rd
+    check_run_dir(recipe)
+    if _conflict(recipe):
         # Keep the old run until the new one finishes: a failed overwrite loses nothing.
         previous = rd.with_name(rd.name + ".previous")
         shutil.rmtree(previous, ignore_errors=True)
         rd.rename(previous)
-    if is_main:
-        rd.mkdir(parents=True, exist_ok=True)
-        saved.write_text(yaml.safe_dump(new, sort_keys=False))
+    rd.mkdir(parents=True, exist_ok=True)
+    tmp = rd / "recipe.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(_comparable(recipe), sort_keys=False))
+    tmp.replace(rd / "recipe.yaml")  # atomic: a rank reading it never sees half a file
     return rd
 
 
