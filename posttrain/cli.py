@@ -50,6 +50,7 @@ def compose(recipe: str, overrides: list[str]) -> Recipe:
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     shipped = recipes_dir()
     as_path = Path(recipe).expanduser()
@@ -84,7 +85,11 @@ def compose(recipe: str, overrides: list[str]) -> Recipe:
     except HydraException as e:
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"recipe '{recipe}': {first}") from None
-    data = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"recipe '{recipe}': {first}") from None
     assert isinstance(data, dict)
     data.pop("hydra", None)
     return parse_recipe(data)  # type: ignore[arg-type]

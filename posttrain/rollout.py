@@ -366,6 +366,8 @@ class VLLMEngine:
         env = {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process: ~3 s start, direct weight access
             "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT") or str(self.work_dir / "vllm_cache"),
+            # vLLM's INFO lines (a full engine config dump per start) drown the run's own output.
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL") or "WARNING",
         }
         if self.on_cpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_space_gib)

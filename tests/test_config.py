@@ -97,3 +97,8 @@ def test_recipe_without_model_is_an_error(tmp_path):
     f.write_text("stages:\n  a: {type: sft}\n")
     with pytest.raises(ConfigError, match="missing required key 'model'"):
         compose(str(f), [])
+
+
+def test_unresolvable_interpolation_is_one_config_error():
+    with pytest.raises(ConfigError, match=r"recipe 'quickstart': .*no_such_key"):
+        compose("quickstart", ["run.name=${no_such_key}"])
