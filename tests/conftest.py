@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(tmp_path):
     """Run ``posttrain ARGS`` in a subprocess inside tmp_path; returns CompletedProcess (text)."""
 
-    def run(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         full_env = {**os.environ, **(env or {})}
         return subprocess.run(
             [sys.executable, "-m", "posttrain.cli", *args],
@@ -31,17 +33,6 @@ def run_cli(tmp_path):
     return run
 
 
-# A few-step recipe on the tiny dense model: what end-to-end tests run.
-TINY_OVERRIDES = [
-    "model=tiny_llama",
-    "deepspeed=zero2",
-    "eval.data.num_eval=8",
-    "eval.sampled=false",
-    "eval.include_base=false",
-    "stages.warmup.max_steps=6",
-    "stages.warmup.micro_batch_size=8",
-    "stages.warmup.data.num_train=400",
-    "stages.warmup.save_every=2",
-    "tracking.progress=false",
-    "tracking.log_every=1",
-]
+# A few-step SFT recipe on the tiny dense model (tests/recipes/tiny_sft.yaml): what end-to-end tests run.
+TINY_RECIPE = f"recipe={REPO / 'tests' / 'recipes' / 'tiny_sft.yaml'}"
+TINY_OVERRIDES: list[str] = []

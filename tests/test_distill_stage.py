@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.config import ConfigError, ModelConfig, parse, parse_recipe
 from posttrain.models import build_model
+from tests.conftest import TINY_RECIPE
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
@@ -75,7 +76,7 @@ def test_sft_with_an_online_teacher_uses_codistill_loss(run_cli, tmp_path: Path)
     """λ = 1 (fixed): the loss is the soft part alone, so train/loss must equal codistill/soft."""
     teacher = save_model("tiny_llama", tmp_path / "teacher")
     res = run_cli(
-        "run", "recipe=quickstart", "model=tiny_llama", "run.name=s",
+        "run", TINY_RECIPE, "run.name=s",
         f"stages.warmup.codistill.teacher.name_or_path={teacher}", "stages.warmup.codistill.teacher.tokenizer=null",
         "stages.warmup.codistill.lambda0=1.0", "stages.warmup.codistill.temperature=2.0",
         "stages.warmup.max_steps=3", "stages.warmup.micro_batch_size=8", "stages.warmup.data.num_train=200", *FAST,
@@ -92,7 +93,7 @@ def test_sft_with_an_online_teacher_uses_codistill_loss(run_cli, tmp_path: Path)
 def test_teacher_with_another_vocabulary_fails_with_one_line(run_cli, tmp_path: Path) -> None:
     teacher = save_model("tiny_llama", tmp_path / "teacher", vocab_size=120)
     res = run_cli(
-        "run", "recipe=quickstart", "model=tiny_llama", "run.name=v",
+        "run", TINY_RECIPE, "run.name=v",
         f"stages.warmup.codistill.teacher.name_or_path={teacher}", "stages.warmup.codistill.teacher.tokenizer=null",
         "stages.warmup.max_steps=2",
         "stages.warmup.data.num_train=50", *FAST,

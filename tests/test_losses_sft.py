@@ -55,7 +55,7 @@ def test_aggregate_is_independent_of_the_accumulation_split():
     for split in ([0, 6], [0, 1, 6], [0, 2, 3, 6]):
         total = 0.0
         grad = torch.zeros_like(logits)
-        for a, b in zip(split[:-1], split[1:]):
+        for a, b in zip(split[:-1], split[1:], strict=True):
             pt, ax = sft_loss(logits[a:b], labels[a:b])
             part = aggregate(pt, ax["mask"], denom)
             (g,) = torch.autograd.grad(part, logits)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, TINY_RECIPE
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -23,7 +23,7 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def _cmd(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "posttrain.cli", "run", "recipe=quickstart", *TINY_OVERRIDES, *extra]
+    return [sys.executable, "-m", "posttrain.cli", "run", TINY_RECIPE, *TINY_OVERRIDES, *extra]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from posttrain.config import OptimConfig
 from posttrain.strategy import lr_lambda
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, TINY_RECIPE
 
 COMMON = [*TINY_OVERRIDES, "stages.warmup.micro_batch_size=4", "stages.warmup.save_every=0"]
 
@@ -32,7 +32,7 @@ def test_zero2_and_zero3_on_two_ranks_match_one_rank(run_cli, tmp_path):
         "z3x2": ["deepspeed=zero3", "stages.warmup.grad_accum=1", "launcher.nproc_per_node=2"],
     }
     for name, extra in runs.items():
-        res = run_cli("run", "recipe=quickstart", *COMMON, *extra, f"run.name={name}")
+        res = run_cli("run", TINY_RECIPE, *COMMON, *extra, f"run.name={name}")
         assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
     ref = _losses(tmp_path, "one")
     assert len(ref) == 6 and ref[-1] < ref[0]
