@@ -107,6 +107,7 @@ def run_rl(ctx: StageContext) -> None:
             engine.sync_weights(strategy.full_state_dict())
             metrics["rollout/sync_seconds"] = engine.metrics()["rollout/sync_seconds"]
         step += 1
+        metrics["_count/skipped_updates"] = float("train/skipped" in metrics)
 
         for key in ("rollouts", "filter_rollouts", "groups", "groups_zero_adv", "skipped_updates"):
             totals[key] = totals.get(key, 0.0) + metrics.pop(f"_count/{key}", 0.0)
@@ -207,9 +208,12 @@ def _start_engine(ctx: StageContext, cfg: RLConfig, tokenizer: Any, resumed: boo
 
 @dataclass
 class StepBatch:
-    kept: list[RolloutGroup] = field(default_factory=list)  # this rank's informative groups (rewards + advantages set)
-    dropped: list[RolloutGroup] = field(default_factory=list)  # this rank's zero-advantage groups (never trained on)
-    kept_global: int = 0  # informative groups on all ranks
+    # This rank's groups to train on (rewards + advantages set): the informative ones, or every group
+    # when filter_zero_advantage is off. The rest (zero-advantage, or beyond prompts_per_step) is
+    # dropped: never collated, never forwarded.
+    kept: list[RolloutGroup] = field(default_factory=list)
+    dropped: list[RolloutGroup] = field(default_factory=list)
+    kept_global: int = 0  # groups to train on, all ranks
     outcomes: dict[str, tuple[int, int]] = field(default_factory=dict)  # uid -> (n, correct), all ranks
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -281,11 +285,11 @@ def collect_groups(
         "_count/rollouts": float(sum(n for n, _ in out.outcomes.values())),
         "_count/groups": float(n_groups),
         "_count/groups_zero_adv": float(n_zero),
-        "_count/skipped_updates": float(n_informative == 0 or out.kept_global == 0),
     }
     for k in ("rollout/tokens", "rollout/seconds", "rollout/empty_completions", "rollout/truncated_completions",
               "rollout/skipped_overlong", "rollout/completions"):
         m[k] = stats.get(k, 0.0)
+    # generation counts, speed and reward metrics below are this rank's share (the tracker logs rank 0)
     m["rollout/tokens_per_s"] = m["rollout/tokens"] / m["rollout/seconds"] if m["rollout/seconds"] > 0 else 0.0
     m |= _group_metrics(all_groups, cfg)
     m |= {k: (sum(v) if _is_count(k) else sum(v) / len(v)) for k, v in score_metrics.items()}
