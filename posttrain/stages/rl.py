@@ -368,7 +368,7 @@ def _all_reduce(rows: list[list[float]], strategy: Any) -> list[list[float]]:
         return rows
     t = torch.tensor(rows, dtype=torch.float64)
     torch.distributed.all_reduce(t)
-    return t.tolist()  # type: ignore[no-any-return]
+    return t.tolist()
 
 
 def _seed(seed: int, step: int, rnd: int, rank: int) -> int:
