@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from importlib.resources import files
@@ -109,13 +108,13 @@ def _split_recipe_arg(args: list[str]) -> tuple[str, list[str]]:
 
 
 def _launch_ranks(recipe: Recipe, argv: list[str]) -> int:
-    """Re-run this command under torchrun with launcher.nproc_per_node ranks on this node."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """Re-run this command under torchrun with launcher.nproc_per_node ranks on this node.
+
+    ``--standalone``: torchrun's own rendezvous on a port the kernel assigns, which the ranks then
+    share (no port is picked here and released, so none can be taken in between)."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={recipe.launcher.nproc_per_node}", f"--master_port={port}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={recipe.launcher.nproc_per_node}",
         "-m", "posttrain.cli", *argv,
     ]  # fmt: skip
     return subprocess.call(cmd)

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,27 @@ import torch
 from posttrain.config import DeepSpeedConfig, OptimConfig, ParallelConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def init_distributed() -> None:
-    """Start torch.distributed (gloo on CPU) through DeepSpeed, also for a single process."""
+    """Start torch.distributed (gloo on CPU) through DeepSpeed, also for a single process.
+
+    A world of one (no launcher, or a launcher with one rank) needs no rendezvous: it gets an
+    in-memory store and binds no port, so it cannot collide with another process's port — not even
+    with a ``MASTER_PORT`` inherited from a parent that is still listening on it.
+    """
     import deepspeed
 
-    if not os.environ.get("WORLD_SIZE"):
-        # A plain `python` / `posttrain run` process: a world of one, no launcher needed.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    # DeepSpeed and vLLM read the rank layout from the environment.
+    if world == 1:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "0")  # never bound: the store below is in memory
     # DeepSpeed's shared-memory all-reduce op compiles for 75-90 s on first use; gloo is enough here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if world == 1:
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group above when world == 1
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):  # type: ignore[no-untyped-def]

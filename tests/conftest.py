@@ -16,6 +16,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rank_env(monkeypatch):
+    """An in-process run sets the rank variables of a world of one (posttrain.strategy); they must not
+    reach later tests, whose child `posttrain run` would take itself for an already-launched rank."""
+    for name in _RANK_VARS:
+        monkeypatch.delenv(name, raising=False)
+
 
 @pytest.fixture
 def run_cli(tmp_path):
