@@ -183,17 +183,21 @@ class Strategy:
     def save_state(self, directory: str | Path, client_state: dict[str, Any]) -> None:
         """DeepSpeed checkpoint (model, optimizer, scheduler) + loop state + every rank's RNG.
 
-        Only the newest tag is kept; ``latest`` is written last, so a crash mid-save leaves the
-        previous state loadable.
+        Only the newest tag is kept. ``latest`` is written last, by posttrain, once every rank's files
+        of the new tag are complete (DeepSpeed's own ``latest`` would point at the tag before the RNG
+        files exist): a crash at any point of a save leaves the previous state loadable.
         """
         directory = Path(directory)
         step = int(client_state.get("step", 0))
         tag = f"step{step}"
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=dict(client_state))
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=dict(client_state), save_latest=False)
         # Each rank's RNG lives in its own small file (the DeepSpeed client state is rank 0's).
         torch.save(_rng_state(), directory / tag / f"rng_rank{self.rank}.pt")
         self.barrier()
         if self.is_main:
+            tmp = directory / "latest.tmp"
+            tmp.write_text(tag)
+            tmp.replace(directory / "latest")  # atomic
             for old in directory.glob("step*"):
                 if old.is_dir() and old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
