@@ -1,7 +1,7 @@
 """``posttrain`` command line: a small argparse front over Hydra's compose API.
 
     posttrain run recipe=NAME [key=value …]       compose, check, run (or resume) the pipeline
-    posttrain validate recipe=NAME [key=value …]  compose and check only; loads no model
+    posttrain validate recipe=NAME [key=value …]  compose and check (schema, EP layout, plugins); loads no model
     posttrain recipes                             list shipped recipes with their descriptions
     posttrain rewards [check NAME --data F]       list / try reward plugins
 
@@ -144,6 +144,10 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_validate(args: argparse.Namespace, argv: list[str]) -> int:
     recipe_name, overrides = _split_recipe_arg(args.overrides)
     recipe = compose(recipe_name, overrides)
+    from posttrain.pipeline import check_plugins
+
+    check_recipe(recipe)  # the expert-parallel layout against ranks and experts
+    check_plugins(recipe)  # reward names, their extras and kwargs; data filter names
     print(yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip())
     print(f"recipe '{recipe_name}' is valid: {len(recipe.stages)} stage(s): {', '.join(f'{n} ({s.type})' for n, s in recipe.stages.items())}")
     return 0

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import RewardsConfig, RewardSpec
-from posttrain.plugins import MissingDependencyError, reward_info
-from posttrain.registry import REWARDS, RegistryError
+from posttrain.errors import UserError
+from posttrain.plugins import reward_info
+from posttrain.registry import REWARDS
 from posttrain.reward_runner import FAILURES, RewardRunner
 
 
-class RewardsCommandError(ValueError):
+class RewardsCommandError(UserError):
     """Bad input to ``posttrain rewards``; the message is one line that says what to fix."""
 
 
@@ -164,7 +165,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         print(f"posttrain: error: --kwargs is not valid JSON ({e.msg}): {args.kwargs!r}", file=sys.stderr)
         return 2
-    except (RewardsCommandError, RegistryError, MissingDependencyError) as e:
+    except UserError as e:  # bad data file, unknown reward, missing extra, bad kwargs
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
     print(format_table(rows, results))

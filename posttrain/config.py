@@ -291,7 +291,7 @@ class RewardSpec:
 
     name: str
     weight: float = 1.0
-    timeout_s: float = 30.0
+    timeout_s: float | None = None  # per batch call; None: the reward's own default, else 30 s (<= 0: no limit)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward function
 
 

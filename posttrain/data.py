@@ -79,7 +79,14 @@ def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
         if suffix == ".jsonl":
             _check_jsonl(path)
         return datasets.load_dataset(FILE_FORMATS.get(suffix, "json"), data_files=str(path), split="train"), source
-    return datasets.load_dataset(source, split=split), source
+    try:
+        return datasets.load_dataset(source, split=split), source
+    except Exception as e:  # the hub's many failure types (not found, offline, bad split) become one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"{source}: no such local file or dir, and loading it as a hub dataset failed ({first}); "
+            "check data.source (a .jsonl/.json/.parquet/.csv file, a save_to_disk dir or a hub dataset name)"
+        ) from None
 
 
 def _check_jsonl(path: Path) -> None:

@@ -7,3 +7,7 @@ they share this base so the CLI can catch them all without importing heavy modul
 
 class UserError(ValueError):
     """Input that cannot be used as given; the message names the file/row/key and what to do."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from posttrain.config import ConfigError, ModelConfig
 from posttrain.tokenizer import build_char_tokenizer
@@ -57,10 +63,27 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def check_model_path(source: str, key: str) -> None:
-    """A local-looking path (``/``, ``.``, ``~`` or several ``/``) must exist; ``org/name`` is a hub id."""
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().is_dir():
+    """A model dir must exist and hold a ``config.json``; anything else must load as a hub model's config.
+
+    A local-looking path (``/``, ``.``, ``~`` or several ``/``) that is not a dir fails at once. Another
+    name (``org/name``) is fetched as a hub config — a few kB, from the cache when ``HF_HUB_OFFLINE`` is
+    set — so a typo fails in a second, before any run dir is written.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: '{source}' has no config.json; point it at a saved HF model dir (save_pretrained)")
+        return
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ConfigError(f"{key}: model dir '{source}' does not exist; point it at a saved HF model dir (save_pretrained)")
+    try:
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{key}: '{source}' is no model dir here and no hub model that could be loaded ({first}); "
+            "point it at a saved HF model dir or a reachable hub id"
+        ) from None
 
 
 def hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:

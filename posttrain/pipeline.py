@@ -144,10 +144,24 @@ def _runner(kind: str) -> Callable[[StageContext], None]:
     return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
 
 
+def check_plugins(recipe: Recipe) -> None:
+    """Every stage's rewards resolve (names, optional extras, cheap kwargs checks) and its data filters
+    exist — before any stage trains, so a typo fails now rather than after the stages before it."""
+    from posttrain.registry import DATA_FILTERS
+    from posttrain.reward_runner import bind_rewards
+
+    for cfg in recipe.stages.values():
+        if hasattr(cfg, "rewards"):
+            bind_rewards(cfg.rewards)
+        for name in getattr(cfg, "data_filters", ()):
+            DATA_FILTERS.get(name)
+
+
 def preflight(recipe: Recipe) -> None:
-    """Check model dirs and data files before any model loads, so bad input fails in a second."""
+    """Check model dirs, plugins and data files before any model loads, so bad input fails in a second."""
     if recipe.model.name_or_path is not None:
         check_model_path(recipe.model.name_or_path, "model.name_or_path")
+    check_plugins(recipe)
     sources = [("eval.data", recipe.eval.data)] + [
         (f"stages.{name}.data", cfg.data) for name, cfg in recipe.stages.items() if hasattr(cfg, "data")
     ]

@@ -9,10 +9,12 @@ A reward is a plain batch function, sync or async::
 ``columns`` holds the dataset's other columns (``answer``, ``capability``, ...), one list each,
 plus the ``kwargs`` of the recipe's reward spec. ``None`` means "not applicable to this sample".
 ``doc`` (default: the first line of the docstring) is what ``posttrain rewards`` lists;
-``timeout_s`` is used when the recipe leaves the spec's ``timeout_s`` at its default;
+``timeout_s`` is used when the recipe's spec gives no ``timeout_s`` of its own;
 ``requires`` maps an optional module to the extra that installs it, checked before a run starts;
+``check(kwargs)``, if given, validates the spec's kwargs cheaply (no model loads) when the run
+starts, before any stage trains: raise ``posttrain.errors.UserError`` with a one-line message.
 ``setup(kwargs)``, if given, is called once by ``RewardRunner`` (in the thread that builds it, before
-any scoring) with the spec's kwargs: load a judge model there, so a bad path fails at start.
+any scoring) with the spec's kwargs: load a judge model there.
 """
 
 from __future__ import annotations
@@ -25,13 +27,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from posttrain.errors import MissingDependencyError
 from posttrain.registry import DATA_FILTERS, REWARDS
 
 _INFO_ATTR = "__posttrain_reward__"
-
-
-class MissingDependencyError(ImportError):
-    """An optional dependency is not installed; the message names the extra to install."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class RewardInfo:
     is_async: bool
     requires: tuple[tuple[str, str], ...] = ()  # (module, extra)
     setup: Callable[[dict[str, Any]], None] | None = None  # called once with the spec's kwargs
+    check: Callable[[dict[str, Any]], None] | None = None  # cheap kwargs check before the run starts
 
 
 def reward(
@@ -51,6 +51,7 @@ def reward(
     timeout_s: float | None = None,
     requires: Mapping[str, str] | None = None,
     setup: Callable[[dict[str, Any]], None] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as reward ``name`` (default: the function's name) with its metadata."""
 
@@ -62,6 +63,7 @@ def reward(
             is_async=inspect.iscoroutinefunction(fn),
             requires=tuple((requires or {}).items()),
             setup=setup,
+            check=check,
         )
         setattr(fn, _INFO_ATTR, info)
         return REWARDS.register(info.name)(fn)

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from posttrain.config import RewardsConfig, RewardSpec
-from posttrain.plugins import MissingDependencyError, RewardInfo, missing_requirements, reward_info
-from posttrain.registry import REWARDS
+from posttrain.errors import MissingDependencyError
+from posttrain.plugins import RewardInfo, missing_requirements, reward_info
+from posttrain.registry import REWARDS, RegistryError
 
 Status = Literal["ok", "none", "error", "timeout", "nan", "wrong_length"]
 FAILURES: tuple[Status, ...] = ("error", "timeout", "nan", "wrong_length")
@@ -53,7 +54,7 @@ _METRIC_OF: dict[Status, str] = {
     "none": "not_applicable",
 }
 RETRY_THREADS = 8  # concurrent one-sample calls when a batch call failed
-_SPEC_DEFAULT_TIMEOUT = RewardSpec(name="").timeout_s
+DEFAULT_TIMEOUT_S = 30.0  # a spec without timeout_s, for a reward without a default of its own
 
 
 class RewardFailure(RuntimeError):
@@ -93,27 +94,36 @@ class _Timeout(Exception):
     pass
 
 
+def bind_rewards(cfg: RewardsConfig) -> list[_Bound]:
+    """Resolve the recipe's reward specs: names, optional requirements and each reward's cheap kwargs
+    ``check``. Loads no model: ``posttrain run`` calls it before any stage trains, so a typo'd name, a
+    missing extra or a bad judge path fails in a second, not after the stages before RL."""
+    bound: list[_Bound] = []
+    missing: list[str] = []
+    seen: dict[str, int] = {}
+    for spec in cfg.specs:
+        fn = REWARDS.get(spec.name)
+        if not callable(fn):
+            raise RegistryError(f"reward {spec.name!r} resolved to {fn!r}, which is not callable; name a function")
+        base = spec.name.rsplit(":", 1)[-1]
+        seen[base] = seen.get(base, 0) + 1
+        label = base if seen[base] == 1 else f"{base}_{seen[base]}"
+        info = reward_info(fn, base)
+        timeout = spec.timeout_s if spec.timeout_s is not None else (info.timeout_s or DEFAULT_TIMEOUT_S)
+        bound.append(_Bound(label, spec, fn, info, timeout))
+        missing += missing_requirements(info)
+    if missing:
+        raise MissingDependencyError("; ".join(missing))
+    for b in bound:
+        if b.info.check is not None:
+            b.info.check(dict(b.spec.kwargs))
+    return bound
+
+
 class RewardRunner:
     def __init__(self, cfg: RewardsConfig):
         self.strict = cfg.strict
-        self.rewards: list[_Bound] = []
-        missing: list[str] = []
-        seen: dict[str, int] = {}
-        for spec in cfg.specs:
-            fn = REWARDS.get(spec.name)
-            if not callable(fn):
-                raise TypeError(f"reward {spec.name!r} resolved to {fn!r}, which is not callable")
-            base = spec.name.rsplit(":", 1)[-1]
-            seen[base] = seen.get(base, 0) + 1
-            label = base if seen[base] == 1 else f"{base}_{seen[base]}"
-            info = reward_info(fn, base)
-            timeout = spec.timeout_s
-            if spec.timeout_s == _SPEC_DEFAULT_TIMEOUT and info.timeout_s is not None:
-                timeout = info.timeout_s  # the recipe left it at the default: the reward's own
-            self.rewards.append(_Bound(label, spec, fn, info, timeout))
-            missing += missing_requirements(info)
-        if missing:
-            raise MissingDependencyError("; ".join(missing))
+        self.rewards = bind_rewards(cfg)
         for r in self.rewards:
             if r.info.setup is not None:
                 r.info.setup(dict(r.spec.kwargs))

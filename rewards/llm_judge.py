@@ -93,11 +93,23 @@ def close_judges() -> None:
 atexit.register(close_judges)
 
 
-def _setup(kwargs: dict[str, Any]) -> None:
+def _check(kwargs: dict[str, Any]) -> None:
+    """The judge kwargs before the run starts: a checkpoint directory and a known engine."""
+    from posttrain.config import ConfigError
+
     if "judge" not in kwargs:
-        raise ValueError(
-            "reward 'llm_judge' needs kwargs.judge: the path of the judge model's checkpoint directory"
+        raise ConfigError("reward 'llm_judge' needs kwargs.judge: the path of the judge model's checkpoint directory")
+    if not (Path(str(kwargs["judge"])) / "config.json").is_file():
+        raise ConfigError(
+            f"reward 'llm_judge': kwargs.judge {str(kwargs['judge'])!r} is not a Hugging Face checkpoint directory "
+            "(no config.json); point it at a save_pretrained() directory"
         )
+    if str(kwargs.get("engine", "vllm")) not in ("vllm", "hf"):
+        raise ConfigError(f"reward 'llm_judge': kwargs.engine is {kwargs['engine']!r}; valid: 'vllm', 'hf'")
+
+
+def _setup(kwargs: dict[str, Any]) -> None:
+    _check(kwargs)
     judge_engine(str(kwargs["judge"]), str(kwargs.get("engine", "vllm")))
 
 
@@ -105,6 +117,7 @@ def _setup(kwargs: dict[str, Any]) -> None:
     "llm_judge",
     doc="a judge model (kwargs.judge) rates each completion 0..scale against kwargs.rubric, via the rollout engine",
     timeout_s=600.0,
+    check=_check,
     setup=_setup,
 )
 def llm_judge(

@@ -101,6 +101,13 @@ BAD = {
     "missing dataset file": (["run", "recipe=quickstart", "stages.warmup.data.source=missing.jsonl"], "missing.jsonl: dataset file not found"),
     "malformed jsonl": (["run", "recipe=quickstart", "stages.warmup.data.source=bad.jsonl"], "bad.jsonl: row 3 is not valid JSON"),
     "missing column": (["run", "recipe=quickstart", "stages.warmup.data.source=nocol.jsonl"], "missing required column 'completion or answer'"),
+    # names that are no local path are tried on the hub (offline here: HF_HUB_OFFLINE=1, conftest)
+    "unknown hub model": (["run", "recipe=quickstart", "model.name_or_path=nosuch/model"], "model.name_or_path: 'nosuch/model' is no model dir here and no hub model"),
+    "model dir without config": (["run", "recipe=quickstart", "model.name_or_path=empty_dir"], "model.name_or_path: 'empty_dir' has no config.json"),
+    "unknown hub dataset": (["run", "recipe=quickstart", "stages.warmup.data.source=nosuch/dataset"], "nosuch/dataset: no such local file or dir, and loading it as a hub dataset failed"),
+    # the RL stage's reward is checked before the warmup stage trains
+    "unknown reward": (["run", "recipe=quickstart", "stages.rl.rewards.specs=[{name: exact_mach}]"], "unknown reward 'exact_mach'. Did you mean 'exact_match'?"),
+    "bad reward kwargs": (["run", "recipe=quickstart", "stages.rl.rewards.specs=[{name: llm_judge, kwargs: {judge: ./nojudge}}]"], "reward 'llm_judge': kwargs.judge './nojudge' is not a Hugging Face checkpoint directory"),
 }
 
 
@@ -108,6 +115,7 @@ BAD = {
 def test_bad_input_is_one_clear_line(case, run_cli, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "completion": "4"}\n{"prompt": "3+3=" "completion": "6"}\n')
     (tmp_path / "nocol.jsonl").write_text('{"prompt": "1+1="}\n')
+    (tmp_path / "empty_dir").mkdir()
     args, expected = BAD[case]
     res = run_cli(*args)
     assert res.returncode == 2, res.stderr[-2000:]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import RewardsConfig, RewardSpec
-from posttrain.plugins import MissingDependencyError, reward
+from posttrain.errors import MissingDependencyError
+from posttrain.plugins import reward
 from posttrain.registry import RegistryError
 from posttrain.reward_runner import RewardFailure, RewardRunner
 
@@ -245,10 +246,12 @@ def test_missing_optional_dependency_fails_at_start_naming_the_extra() -> None:
         runner(RewardSpec("t_needs_missing_module"))
 
 
-def test_timeout_comes_from_the_recipe_unless_left_at_its_default() -> None:
+def test_timeout_comes_from_the_recipe_else_the_reward_else_30_s() -> None:
     assert runner(RewardSpec("t_own_timeout")).rewards[0].timeout_s == 0.25
     assert runner(RewardSpec("t_own_timeout", timeout_s=5.0)).rewards[0].timeout_s == 5.0
-    assert runner(RewardSpec("t_first_char")).rewards[0].timeout_s == RewardSpec("x").timeout_s
+    # an explicit 30 is the recipe's choice, even where it equals the fallback
+    assert runner(RewardSpec("t_own_timeout", timeout_s=30.0)).rewards[0].timeout_s == 30.0
+    assert runner(RewardSpec("t_first_char")).rewards[0].timeout_s == 30.0
 
 
 def test_setup_hook_runs_once_with_the_spec_kwargs() -> None:

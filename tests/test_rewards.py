@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from posttrain import cli_rewards
-from posttrain.config import RewardsConfig, RewardSpec
+from posttrain.config import ConfigError, RewardsConfig, RewardSpec
 from posttrain.plugins import reward
-from posttrain.reward_runner import RewardRunner
+from posttrain.reward_runner import RewardRunner, bind_rewards
 from rewards.code_exec import code_exec
 from rewards.exact_match import exact_match
 from rewards.format import format_reward
@@ -247,11 +247,17 @@ def test_llm_judge_scores_through_the_rollout_engine(tmp_path: Path) -> None:
     assert report.outcomes[0].status == ["ok", "ok", "ok", "none"]
 
 
-def test_llm_judge_needs_a_judge() -> None:
-    with pytest.raises(ValueError, match="needs kwargs.judge"):
+def test_llm_judge_needs_a_judge_checkpoint(tmp_path: Path) -> None:
+    """Checked by the reward's cheap ``check`` (what `posttrain run`/`validate` call first), loading nothing."""
+    with pytest.raises(ConfigError, match="needs kwargs.judge"):
+        bind_rewards(RewardsConfig(specs=(RewardSpec("llm_judge"),)))
+    with pytest.raises(ConfigError, match="'/no/such/judge' is not a Hugging Face checkpoint directory"):
+        bind_rewards(RewardsConfig(specs=(RewardSpec("llm_judge", kwargs={"judge": "/no/such/judge"}),)))
+    with pytest.raises(ConfigError, match="kwargs.engine is 'tgi'"):
+        (tmp_path / "config.json").write_text("{}")
+        bind_rewards(RewardsConfig(specs=(RewardSpec("llm_judge", kwargs={"judge": str(tmp_path), "engine": "tgi"}),)))
+    with pytest.raises(ConfigError, match="needs kwargs.judge"):  # the runner checks too
         RewardRunner(RewardsConfig(specs=(RewardSpec("llm_judge"),)))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        RewardRunner(RewardsConfig(specs=(RewardSpec("llm_judge", kwargs={"judge": "/no/such/judge"}),)))
 
 
 # --------------------------------------------------------------------------------------------------
