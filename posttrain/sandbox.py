@@ -14,9 +14,11 @@ also caps the whole process tree. On timeout the whole process tree is killed. T
   mounts, only the working directory writable, a private PID namespace (killing its PID 1 kills
   every process the program started, daemons included), and an unprivileged uid without
   capabilities, so files readable only by their owner stay unreadable.
-- ``audit`` (the fallback elsewhere): rlimits plus a Python audit hook that refuses sockets,
-  process creation, signals, ctypes and file access outside the working directory. It is enforced
-  by the interpreter, not the kernel, so treat it as a guard against accidents, not attacks.
+- ``audit`` (the fallback elsewhere): rlimits, a kernel-enforced seccomp filter that refuses new
+  processes and threads, exec, sockets, signals to other processes, ptrace, mounts, namespaces and
+  the like, plus a Python audit hook that refuses ctypes and file access outside the working
+  directory. The file rule is enforced by the interpreter, not the kernel, and the program runs as
+  the host user: weaker than ``namespaces``.
 """
 
 from __future__ import annotations
@@ -97,7 +99,14 @@ def resolve_isolation(isolation: Isolation) -> Literal["namespaces", "audit"]:
         return isolation
     if sys.platform.startswith("linux") and os.geteuid() == 0 and _namespaces_work():
         return "namespaces"
+    if os.geteuid() != 0:
+        _warn_once("sandbox: namespaces isolation needs root; running untrusted code in the weaker 'audit' mode")
     return "audit"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 @functools.cache

@@ -16,9 +16,14 @@ Two isolation modes:
     exits the kernel kills everything left in the namespace.
 
 ``audit`` (anyone)
-    rlimits plus a Python audit hook that refuses sockets, process creation, signals, ctypes,
-    and file access outside the working directory (reads of the interpreter's own files allowed).
-    This is weaker: it is enforced inside the interpreter, not by the kernel.
+    rlimits, a seccomp filter and a Python audit hook. The seccomp filter (kernel-enforced, installed
+    with ``PR_SET_NO_NEW_PRIVS``, so any user may) refuses new processes and threads (clone, fork,
+    vfork, exec), sockets, signals to any other process, ptrace and cross-process memory access,
+    mounts, namespaces, module loading, io_uring, bpf and the like — whatever route the program
+    takes to the syscall (``_posixsubprocess``, a loaded ``ctypes`` library, ...). The audit hook adds
+    what a syscall filter cannot judge by its arguments: file access outside the working directory
+    (reads of the interpreter's own files allowed) and ctypes. The file rule is enforced inside the
+    interpreter, not by the kernel: this mode is weaker than ``namespaces``.
 """
 
 from __future__ import annotations
@@ -316,9 +321,91 @@ def _install_audit_hook(cfg: dict) -> None:
     sys.addaudithook(hook)
 
 
+# seccomp: x86_64 and aarch64 syscall numbers (asm/unistd_64.h, asm-generic/unistd.h)
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_NR = {
+    "x86_64": {
+        "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "clone3": 435, "socket": 41,
+        "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+        "pidfd_send_signal": 424, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
+        "fsopen": 430, "fsmount": 432, "move_mount": 429, "open_tree": 428, "reboot": 169,
+        "kexec_load": 246, "kexec_file_load": 320, "init_module": 175, "finit_module": 313,
+        "delete_module": 176, "io_uring_setup": 425, "bpf": 321, "perf_event_open": 298, "keyctl": 250,
+        "add_key": 248, "request_key": 249, "swapon": 167, "swapoff": 168, "sethostname": 170,
+        "setdomainname": 171, "settimeofday": 164, "clock_settime": 227, "adjtimex": 159, "iopl": 172,
+        "ioperm": 173,
+    },
+    "aarch64": {
+        "clone": 220, "execve": 221, "execveat": 281, "clone3": 435, "socket": 198, "kill": 129,
+        "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
+        "pidfd_send_signal": 424, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+        "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268,
+        "fsopen": 430, "fsmount": 432, "move_mount": 429, "open_tree": 428, "reboot": 142,
+        "kexec_load": 104, "kexec_file_load": 294, "init_module": 105, "finit_module": 273,
+        "delete_module": 106, "io_uring_setup": 425, "bpf": 280, "perf_event_open": 241, "keyctl": 219,
+        "add_key": 217, "request_key": 218, "swapon": 224, "swapoff": 225, "sethostname": 161,
+        "setdomainname": 162, "settimeofday": 170, "clock_settime": 112, "adjtimex": 171,
+    },
+}
+_SIGNAL_SELF_ONLY = ("kill", "tkill", "tgkill")  # allowed when the first argument is this process
+_X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: another number for every syscall, refused whole
+_SECCOMP_RET_KILL_PROCESS = 0x80000000
+_SECCOMP_RET_ERRNO = 0x00050000
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+EPERM, ENOSYS = 1, 38
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(arch: str, pid: int) -> list[tuple[int, int, int, int]]:
+    """The classic-BPF filter as (code, jt, jf, k); seccomp_data: nr at offset 0, arch at 4, args from 16."""
+    nr = _NR[arch]
+    refuse = _SECCOMP_RET_ERRNO | EPERM
+    prog = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 1, 0, _AUDIT_ARCH[arch]), (_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS)]
+    prog.append((_BPF_LD_W_ABS, 0, 0, 0))
+    if arch == "x86_64":
+        prog += [(_BPF_JGE_K, 0, 1, _X32_SYSCALL_BIT), (_BPF_RET_K, 0, 0, refuse)]
+    # clone3 answers ENOSYS, so glibc falls back to clone, which is refused (threads included)
+    prog += [(_BPF_JEQ_K, 0, 1, nr["clone3"]), (_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | ENOSYS)]
+    for name, number in nr.items():
+        if name not in ("clone3", *_SIGNAL_SELF_ONLY):
+            prog += [(_BPF_JEQ_K, 0, 1, number), (_BPF_RET_K, 0, 0, refuse)]
+    for name in _SIGNAL_SELF_ONLY:  # signal targets: the low 32 bits of the first argument
+        prog += [
+            (_BPF_JEQ_K, 0, 4, nr[name]),
+            (_BPF_LD_W_ABS, 0, 0, 16),
+            (_BPF_JEQ_K, 0, 1, pid),
+            (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+            (_BPF_RET_K, 0, 0, refuse),
+        ]
+    prog.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    return prog
+
+
+def _install_seccomp() -> None:
+    arch = os.uname().machine
+    if arch not in _NR:
+        raise OSError(f"audit isolation needs a seccomp filter, which posttrain has for {', '.join(_NR)}, not {arch}")
+    program = seccomp_program(arch, os.getpid())
+    filters = (_SockFilter * len(program))(*(_SockFilter(*ins) for ins in program))
+    fprog = _SockFprog(len(program), filters)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "prctl(SET_SECCOMP)")
+
+
 def _audit(cfg: dict, report: int) -> int:
     """The program runs in this process; the host reads its status from the exit code."""
     _set_limits(cfg["limits"], nproc=False)
+    _install_seccomp()
     _send(report, "ready")
     os.close(report)
     _run_program(cfg)

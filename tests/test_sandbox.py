@@ -99,6 +99,7 @@ class Host:
         return [
             self.venv / f"pwned-{self.mark}",
             self.venv / f"pwned-sh-{self.mark}",
+            self.venv / f"pwned-fork-exec-{self.mark}",
             Path("/tmp") / f"pwned-{self.mark}",
             Path("/dev/shm") / f"pwned-{self.mark}",
             Path("/var/tmp") / f"pwned-{self.mark}",
@@ -183,6 +184,21 @@ def hostile_snippets(h: Host, mode: str) -> dict[str, str]:
             "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(1000)\n    os._exit(0)\n"
             "os.wait()\nprint('spawned')"
         ),
+        # below subprocess.Popen (and its audit event): the C helper that forks and execs
+        "fork_exec below subprocess": (
+            "import _posixsubprocess, os\nr, w = os.pipe()\n"
+            f"argv = [b'/bin/sh', b'-c', b'echo x > {venv}/pwned-fork-exec-{mark}']\n"
+            "head = (argv, [b'/bin/sh'], True, (w,), None, None, -1, -1, -1, -1, -1, -1, r, w)\n"
+            "for tail in ((True, False, -1, None, None, None, -1, None, False), (True, False, -1, None, None, None, -1, None),\n"
+            "             (True, False, None, None, None, -1, None)):\n"
+            "    try:\n        pid = _posixsubprocess.fork_exec(*head, *tail)\n    except TypeError:\n        continue\n"
+            f"    os.waitpid(pid, 0)\n    if os.path.exists('{venv}/pwned-fork-exec-{mark}'):\n        print('ESCAPED')\n    break"
+        ),
+        # the sandbox's own bootstrap holds a loaded libc: reach it through the garbage collector
+        "kill the host via a loaded libc": (
+            "import gc, signal\nfor o in gc.get_objects():\n    if type(o).__name__ == 'CDLL':\n"
+            f"        if o.kill({os.getpid()}, signal.SIGKILL) == 0:\n            print('ESCAPED')\n        break"
+        ),
         "delete files": f"import os\nos.remove('{venv}/.sandbox-sentinel-{mark}')\nos.remove('{tmp}/sentinel.txt')\nprint('ESCAPED')",
         "delete a tree": f"import shutil\nshutil.rmtree('{venv}/.sandbox-tree-{mark}')\nprint('ESCAPED')",
         "huge output": "while True:\n    print('x' * 10**6)",
@@ -191,6 +207,9 @@ def hostile_snippets(h: Host, mode: str) -> dict[str, str]:
             "if libc.mount(b'none', b'/mnt', b'tmpfs', 0, None) == 0:\n    print('ESCAPED')"
         ),
     }
+    if mode == "audit":
+        # audit mode allows one thread (namespaces mode: max_procs, in its own PID namespace)
+        snippets["thread below threading"] = "import _thread, time\n_thread.start_new_thread(time.sleep, (100,))\nprint('ESCAPED')"
     if mode == "namespaces":
         snippets |= {
             # audit mode runs as the host user and lets the interpreter's own directories be read
