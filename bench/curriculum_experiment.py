@@ -12,6 +12,8 @@ samples at T=1, exact-match reward, lr 1e-4 constant after 10 warmup steps, no K
   curriculum  zero_adv + the continuous curriculum: a 256-prompt pool refreshed from the dataset,
               filter passes (8 samples/prompt) every 50 steps keeping pass rates in [0, 1], retiring a
               prompt only after 2 consecutive all-correct checks, hopeless prompts to a re-checked backlog
+  curriculum_band  curriculum with the band narrowing to medium-to-hard: [0, 1] at step 0 -> [0, 0.75]
+              at the last step (prompts above it wait as "easy" and are re-checked every filter pass)
 
 It prints held-out **sampled** pass@1 (temperature 1) at the eval steps and the rollouts (completions
 generated, filter passes included) each variant used, per seed and as the mean over seeds. Each run
@@ -70,6 +72,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
                        "filter_samples": 8, "pass_k": 8, "retire_after": 2, "backlog_recheck_every": 2},
     },
 }
+# curriculum + a band that narrows to medium-to-hard over the run: pass rate <= 1 at step 0, <= 0.75 at
+# the last step (above it a prompt waits as "easy" and is re-checked at every filter pass)
+VARIANTS["curriculum_band"] = {
+    **VARIANTS["curriculum"],
+    "curriculum": {**VARIANTS["curriculum"]["curriculum"], "band_final": [0.0, 0.75]},  # band_steps: --steps
+}
 
 
 def recipe(name: str, out: Path, seed: int, model: dict[str, Any], stages: dict[str, Any], num_eval: int) -> Path:
@@ -113,7 +121,8 @@ def collect(stage_dir: Path, eval_at: list[int], steps: int) -> dict[str, Any]:
         out[f"greedy@{s}"] = final["greedy_pass@1"] if s == steps else r.get("eval/greedy_pass@1")
         out[f"rollouts@{s}"] = r.get("total/rollouts_all")
     out["zero_adv_frac"] = statistics.mean(r["rollout/zero_adv_frac"] for r in rows if "rollout/zero_adv_frac" in r)
-    out["seconds"] = (stage_dir / "DONE").stat().st_mtime - (stage_dir / "metrics.jsonl").stat().st_ctime
+    stamps = [r["time"] for r in rows if "time" in r]
+    out["seconds"] = max(stamps) - min(stamps) if stamps else None  # first to last logged row: the RL loop
     return out
 
 
@@ -149,6 +158,8 @@ def main() -> None:
         for variant in args.variants:
             name = f"{variant}_s{seed}"
             stage = {**RL_BASE, **VARIANTS[variant], "max_steps": args.steps, "eval_every": args.eval_every}
+            if "band_final" in stage.get("curriculum", {}):
+                stage["curriculum"] = {**stage["curriculum"], "band_steps": args.steps}
             path = recipe(name, out, seed, model, {"rl": stage}, args.num_eval)
             if not (out / name / "DONE").exists():
                 t0 = time.time()

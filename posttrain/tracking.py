@@ -18,6 +18,11 @@ from typing import Any
 from tqdm import tqdm
 
 from posttrain.config import TrackingConfig
+from posttrain.errors import UserError
+
+
+class TrackingError(UserError):
+    """W&B could not start as configured (the message says what to change)."""
 
 
 class Tracker:
@@ -50,19 +55,26 @@ class Tracker:
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_CACHE_DIR", str(stage_dir / "wandb" / "cache"))
         os.environ.setdefault("WANDB_DATA_DIR", str(stage_dir / "wandb" / "data"))
-        self._wandb = wandb.init(
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            name=f"{run_name}/{stage}",
-            group=run_name,
-            job_type=stage,
-            id=run_id,
-            resume="allow",
-            dir=str(stage_dir),
-            mode=mode,
-            config=config,
-            settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s, silent=True, console="off"),
-        )
+        try:
+            self._wandb = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=f"{run_name}/{stage}",
+                group=run_name,
+                job_type=stage,
+                id=run_id,
+                resume="allow",
+                dir=str(stage_dir),
+                mode=mode,
+                config=config,
+                settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s, silent=True, console="off"),
+            )
+        except wandb.errors.Error as e:  # no network, a bad key, an unknown entity: one line, no hang
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrackingError(
+                f"W&B ({mode}) did not start within tracking.wandb.init_timeout_s={cfg.wandb.init_timeout_s:g}: {first}; "
+                "check WANDB_API_KEY and the network, or set tracking.wandb.mode=offline (sync later with `wandb sync`)"
+            ) from None
 
     # ---------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import TINY_OVERRIDES, TINY_RECIPE
+from tests.test_tracking import history
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -30,7 +31,8 @@ def _cmd(*extra: str) -> list[str]:
 def finished_run(tmp_path_factory):
     """One uninterrupted few-step run shared by the tests below."""
     cwd = tmp_path_factory.mktemp("e2e")
-    res = subprocess.run(_cmd("run.name=e2e", "stages.warmup.max_steps=12"), cwd=cwd, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "WANDB_MODE": "offline"}  # the real W&B path (other runs here disable it)
+    res = subprocess.run(_cmd("run.name=e2e", "stages.warmup.max_steps=12"), cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return cwd, res
 
@@ -48,6 +50,8 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_the_table(finished_run):
     assert (rd / "DONE").exists() and (rd / "warmup" / "DONE").exists()
     assert "held-out accuracy per stage" in res.stdout and "warmup  sft" in res.stdout
     assert set(json.loads((rd / "warmup" / "eval.json").read_text())) >= {"greedy_pass@1", "add/greedy_pass@1"}
+    (wandb_run,) = (rd / "warmup").glob("wandb/offline-run-*/run-*.wandb")  # W&B offline, one run per stage
+    assert [(h["_step"], h["train/loss"]) for h in history(wandb_run)] == [(r["step"], r["train/loss"]) for r in rows]
 
 
 def test_rerun_of_a_finished_run_is_refused_and_nothing_changes(finished_run):
