@@ -23,7 +23,10 @@ Arrow layout (one row per example)::
     topk_indices   list[list[int32]]      [N, K]
 
 and ``teacher_targets.json`` beside it: vocabulary size, a fingerprint of the tokenizer's vocabulary,
-k, the teacher's name. A student whose tokenizer differs is refused with one line naming both.
+k, the teacher's name, and the provenance of the rows (teacher config, data config, seed, max length).
+A student whose tokenizer differs is refused with one line naming both; a stage whose teacher, data,
+seed, k or max length differ from what the targets were written for is refused with one line naming
+the first difference (stale targets are never reused silently).
 
 Teacher and student must share one tokenizer (same token -> id map): the loss compares their
 distributions id by id. ``check_same_vocab`` enforces it for both paths.
@@ -52,7 +55,7 @@ from posttrain.losses import TeacherTargets
 from posttrain.models import build_model
 
 META_FILE = "teacher_targets.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: provenance recorded
 
 
 class VocabMismatchError(ConfigError):
@@ -168,8 +171,12 @@ def write_offline_targets(
     top_k: int,
     batch_size: int = 64,
     teacher_name: str = "teacher",
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Run ``teacher`` over ``examples`` and save top-k targets to ``out_dir`` (Arrow + metadata).
+
+    ``provenance`` (what produced ``examples``: see ``stage_provenance``) is stored and checked again
+    when a stage opens the targets.
 
     Written to ``<out_dir>.partial`` first and renamed when complete, so an interrupted run never
     leaves a half-written dir that looks finished.
@@ -205,6 +212,7 @@ def write_offline_targets(
         "vocab_fingerprint": vocab_fingerprint(teacher_tokenizer),
         "top_k": k,
         "rows": len(ds),
+        "provenance": provenance or {},
     }
     (partial / META_FILE).write_text(json.dumps(meta, indent=1))
     if out.exists():
@@ -225,7 +233,10 @@ class OfflineTargets:
     meta: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path, student_tokenizer: Any, student_vocab: int) -> OfflineTargets:
+    def open(
+        cls, path: str | Path, student_tokenizer: Any, student_vocab: int, provenance: dict[str, Any] | None = None
+    ) -> OfflineTargets:
+        """Open stored targets; with ``provenance``, refuse targets written for anything else."""
         p = Path(path)
         meta_path = p / META_FILE
         if not meta_path.exists():
@@ -241,6 +252,11 @@ class OfflineTargets:
         check_same_vocab(
             int(meta["vocab_size"]), str(meta["vocab_fingerprint"]), name, student_tokenizer, student_vocab
         )
+        if provenance is not None and (diff := _first_difference(meta.get("provenance", {}), provenance)):
+            raise ConfigError(
+                f"{p} holds teacher targets written for other settings ({diff}); delete the dir to have the "
+                "stage rewrite it, or point codistill.targets at a new dir"
+            )
         return cls(datasets.load_from_disk(str(p)), meta)
 
     @property
@@ -303,8 +319,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_stage_targets(recipe: Any, stage: str) -> Path:
-    """Write the offline targets a recipe's distill (or SFT + codistill) stage asks for."""
+def stage_max_len(cfg: Any) -> int:
+    """The longest example a (distill / SFT) stage trains on: the packed row, or prompt + completion."""
+    return int(cfg.seq_len if cfg.pack else cfg.data.max_prompt_len + cfg.data.max_completion_len)
+
+
+def stage_provenance(cfg: Any, seed: int) -> dict[str, Any]:
+    """What a stage's offline targets depend on: teacher, k, the data rows and how they were cut."""
+    from posttrain.config import to_dict
+
+    cd = cfg.codistill
+    return {
+        "teacher": to_dict(cd.teacher),
+        "teacher_weights": _weight_files(cd.teacher.name_or_path) if cd.teacher is not None else [],
+        "top_k": cd.top_k,
+        "data": to_dict(cfg.data),
+        "seed": seed,
+        "max_len": stage_max_len(cfg),
+    }
+
+
+def write_stage_targets(recipe: Any, stage: str, student_tokenizer: Any = None, student_vocab: int | None = None) -> Path:
+    """Write the offline targets a recipe's distill stage asks for (``python -m posttrain.teacher``, or
+    the stage itself when its targets dir does not exist). With a student tokenizer and vocabulary,
+    the teacher is checked against them before it runs."""
     from posttrain.data import load_rows, tokenize_sft
 
     if stage not in recipe.stages:
@@ -315,13 +353,40 @@ def write_stage_targets(recipe: Any, stage: str) -> Path:
         raise ConfigError(
             f"stages.{stage}.codistill needs both 'teacher' and 'targets' to write offline targets"
         )
-    teacher, tokenizer = build_model(cd.teacher, seed=recipe.run.seed)
-    ds = load_rows(cfg.data, "train", recipe.run.seed, required=["prompt"])
-    examples = tokenize_sft(
-        ds, tokenizer, cfg.data.max_prompt_len + cfg.data.max_completion_len, where=cfg.data.source
-    )
+    seed = recipe.run.seed
+    if student_tokenizer is not None and student_vocab is not None:
+        teacher = load_teacher(cd.teacher, student_tokenizer, student_vocab, seed=seed)
+        tokenizer = student_tokenizer
+    else:
+        teacher, tokenizer = build_model(cd.teacher, seed=seed)
+    ds = load_rows(cfg.data, "train", seed, required=["prompt"])
+    examples = tokenize_sft(ds, tokenizer, stage_max_len(cfg), where=cfg.data.source)
     name = cd.teacher.name_or_path or f"{cd.teacher.arch} ({cd.teacher.description or 'from config'})"
-    return write_offline_targets(teacher, tokenizer, examples, cd.targets, cd.top_k, teacher_name=name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return write_offline_targets(
+        teacher.to(device), tokenizer, examples, cd.targets, cd.top_k, teacher_name=name,
+        provenance=stage_provenance(cfg, seed),
+    )  # fmt: skip
+
+
+def _weight_files(name_or_path: str | None) -> list[list[Any]]:
+    """[name, bytes, mtime_ns] of a local checkpoint's weight files: a retrained teacher at the same path
+    has other targets (a hub id or a teacher built from config: [])."""
+    if name_or_path is None or not Path(name_or_path).expanduser().is_dir():
+        return []
+    files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in Path(name_or_path).expanduser().glob(pattern))
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _first_difference(saved: Any, wanted: Any, path: str = "") -> str | None:
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        for k in list(saved) + [k for k in wanted if k not in saved]:
+            if d := _first_difference(saved.get(k), wanted.get(k), f"{path}.{k}" if path else str(k)):
+                return d
+        return None
+    if isinstance(saved, list | tuple) and isinstance(wanted, list | tuple):
+        saved, wanted = list(saved), list(wanted)
+    return None if saved == wanted else f"{path}: {saved!r} there, {wanted!r} here"
 
 
 if __name__ == "__main__":

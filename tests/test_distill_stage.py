@@ -71,6 +71,37 @@ def test_distill_stage_writes_offline_targets_and_trains_from_them(run_cli, tmp_
     assert all(0 < r["codistill/lambda_mean"] <= 0.9 for r in metrics[1:])
     AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "d" / "distill" / "checkpoint")
 
+    # Another run on the same targets dir with other data: refused in one line, the targets kept.
+    targets = tmp_path / "runs" / "d.teacher_targets"
+    before = sorted((f.name, f.stat().st_mtime_ns) for f in targets.iterdir())
+    res = run_cli(
+        "run", "recipe=distill_tiny", "run.name=d2", f"stages.distill.codistill.targets={targets}",
+        f"stages.distill.codistill.teacher.name_or_path={teacher}",
+        "stages.distill.max_steps=4", "stages.distill.micro_batch_size=4", "stages.distill.data.num_train=40",
+        "stages.distill.pack=true", "stages.distill.seq_len=48", *FAST,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("posttrain: error: ") and "teacher targets written for other settings" in last
+    assert "data.num_train: 48 there, 40 here" in last
+    assert sorted((f.name, f.stat().st_mtime_ns) for f in targets.iterdir()) == before
+
+
+def test_distill_stage_with_an_online_teacher(run_cli, tmp_path: Path) -> None:
+    """No targets dir: the teacher runs in the same step; packed rows line up (soft part 0 at step 1)."""
+    teacher = save_model("tiny_llama", tmp_path / "teacher")
+    res = run_cli(
+        "run", "recipe=distill_tiny", "run.name=o", "stages.distill.codistill.targets=null",
+        "stages.distill.codistill.top_k=0", f"stages.distill.codistill.teacher.name_or_path={teacher}",
+        "stages.distill.max_steps=3", "stages.distill.micro_batch_size=4", "stages.distill.data.num_train=48",
+        "stages.distill.seq_len=48", "stages.distill.save_every=0", *FAST,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (tmp_path / "runs" / "o.teacher_targets").exists()
+    metrics = rows(tmp_path / "runs" / "o" / "distill" / "metrics.jsonl")
+    assert "codistill/offline_rows" not in metrics[0]
+    check_codistill_metrics(metrics, steps=3)
+
 
 def test_sft_with_an_online_teacher_uses_codistill_loss(run_cli, tmp_path: Path) -> None:
     """λ = 1 (fixed): the loss is the soft part alone, so train/loss must equal codistill/soft."""

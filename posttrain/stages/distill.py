@@ -27,7 +27,13 @@ from posttrain.data import Example, collate_packed, collate_padded, iterate_fore
 from posttrain.losses import aggregate
 from posttrain.pipeline import StageContext
 from posttrain.stages.sft import _periodic_eval
-from posttrain.teacher import OfflineTargets, load_teacher, model_vocab, write_offline_targets
+from posttrain.teacher import (
+    OfflineTargets,
+    model_vocab,
+    stage_max_len,
+    stage_provenance,
+    write_stage_targets,
+)
 
 
 def run_distill(ctx: StageContext) -> None:
@@ -36,7 +42,7 @@ def run_distill(ctx: StageContext) -> None:
     strategy, tracker = ctx.strategy, ctx.tracker
     torch.manual_seed(ctx.seed)
     model, tokenizer = ctx.load_model()
-    max_len = cfg.seq_len if cfg.pack else cfg.data.max_prompt_len + cfg.data.max_completion_len
+    max_len = stage_max_len(cfg)
 
     # ---- data + teacher targets ------------------------------------------------------------
     if cd.targets is not None:
@@ -46,10 +52,13 @@ def run_distill(ctx: StageContext) -> None:
                     f"codistill.targets '{cd.targets}' has no teacher targets and codistill.teacher is not set; "
                     "write them with `python -m posttrain.teacher` or set a teacher"
                 )
-            if strategy.is_main:
-                _write_targets(ctx, tokenizer, model_vocab(model), max_len)
+            if strategy.is_main:  # fails first if the teacher's vocabulary is not the student's
+                out = write_stage_targets(ctx.recipe, ctx.name, tokenizer, model_vocab(model))
+                print(f"[posttrain] wrote teacher targets to {out}", flush=True)
             strategy.barrier()
-        offline = OfflineTargets.open(cd.targets, tokenizer, model_vocab(model))
+        # targets written for another teacher, k, data, seed or length are refused, not reused
+        provenance = stage_provenance(cfg, ctx.seed) if cd.teacher is not None else None
+        offline = OfflineTargets.open(cd.targets, tokenizer, model_vocab(model), provenance)
         codistill = Codistiller(cd, offline=offline)
         examples = offline.examples()
         tracker.log({"codistill/offline_rows": len(examples), "codistill/top_k": offline.top_k}, step=0)
@@ -115,23 +124,6 @@ def run_distill(ctx: StageContext) -> None:
             strategy.save_state(ctx.state_dir, {"step": step})
 
     strategy.export_hf(ctx.checkpoint_dir, tokenizer)
-
-
-def _write_targets(ctx: StageContext, tokenizer: Any, vocab: int, max_len: int) -> None:
-    """Run the teacher over the stage's data once and store its top-k targets (rank 0)."""
-    cfg: DistillConfig = ctx.cfg
-    cd = cfg.codistill
-    assert cd.teacher is not None and cd.targets is not None
-    teacher = load_teacher(
-        cd.teacher, tokenizer, vocab, seed=ctx.seed
-    )  # fails first if the vocabularies differ
-    ds = load_rows(cfg.data, "train", ctx.seed, required=["prompt"])
-    examples = tokenize_sft(ds, tokenizer, max_len, where=cfg.data.source)
-    name = cd.teacher.name_or_path or f"{cd.teacher.arch} ({cd.teacher.description or 'from config'})"
-    out = write_offline_targets(
-        teacher.to(ctx.strategy.device), tokenizer, examples, cd.targets, cd.top_k, teacher_name=name
-    )
-    print(f"[posttrain] wrote teacher targets for {len(examples)} examples to {out}", flush=True)
 
 
 def _collate(
