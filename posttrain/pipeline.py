@@ -161,6 +161,10 @@ def preflight(recipe: Recipe) -> None:
     """Check model dirs, plugins and data files before any model loads, so bad input fails in a second."""
     if recipe.model.name_or_path is not None:
         check_model_path(recipe.model.name_or_path, "model.name_or_path")
+    for name, cfg in recipe.stages.items():
+        teacher = getattr(getattr(cfg, "codistill", None), "teacher", None)
+        if teacher is not None and teacher.name_or_path is not None:
+            check_model_path(teacher.name_or_path, f"stages.{name}.codistill.teacher.name_or_path")
     check_plugins(recipe)
     sources = [("eval.data", recipe.eval.data)] + [
         (f"stages.{name}.data", cfg.data) for name, cfg in recipe.stages.items() if hasattr(cfg, "data")
