@@ -242,8 +242,7 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class LauncherConfig:
     nproc_per_node: int = 1  # >1: `posttrain run` re-launches itself under torchrun with this many ranks
-    nnodes: int = 1
-    hostfile: str | None = None
+    nnodes: int = 1  # >1: start `posttrain run` on every node with torchrun or the DeepSpeed launcher
 
 
 @dataclass(frozen=True)

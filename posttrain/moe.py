@@ -222,10 +222,12 @@ class ExpertParallel:
                 mean = total / row.numel()
                 out[f"ep/L{i}/max_load"] = float(row.max()) / mean
                 out[f"ep/L{i}/min_load"] = float(row.min()) / mean
+            for e, c in enumerate(row.tolist()):
+                out[f"ep/L{i}/tokens/e{e}"] = float(c)
         out["ep/routed_tokens"] = float(counts.sum()) / max(
             1, counts.shape[0]
         )  # token-expert assignments per layer
-        out["ep/dropped_tokens"] = 0.0  # dropless dispatch: every routed token reaches its expert
+        # no dropped/overflow metric: the dispatch is dropless, every routed token reaches its expert
         a2a = torch.tensor([_a2a_elapsed_ms()], dtype=torch.float64)
         torch.distributed.all_reduce(a2a)
         out["ep/all_to_all_ms"] = float(a2a) / torch.distributed.get_world_size()

@@ -51,12 +51,24 @@ def check_ep_size(ep_size: int, world_size: int, num_experts: int | None) -> Non
         )
 
 
+def check_ep_zero_stage(ep_size: int, zero_stage: int, gradient_clipping: float) -> None:
+    """ZeRO-0 clips with the mean of the ranks' gradient norms (DeepSpeed's ``clip_grad_norm_``); under
+    expert parallelism each rank's norm covers other experts, so that is not the global norm and the
+    run would not match one process. ZeRO 1-3 compute the global norm."""
+    if ep_size > 1 and zero_stage == 0 and gradient_clipping > 0:
+        raise ConfigError(
+            f"parallel.ep_size={ep_size} with deepspeed ZeRO-0 clips with a per-rank-averaged gradient norm, not "
+            "the global one; use deepspeed=zero1, zero2 or zero3, or set deepspeed.gradient_clipping=0"
+        )
+
+
 def check_recipe(recipe: Recipe) -> None:
     """``parallel.ep_size`` against the ranks the launcher will start and the model's experts, before any
     rank starts or any model loads (the ranks check again, against the loaded model)."""
     ep_size = recipe.parallel.ep_size
     if ep_size == 1:
         return
+    check_ep_zero_stage(ep_size, recipe.deepspeed.zero_stage, recipe.deepspeed.gradient_clipping)
     world = recipe.launcher.nproc_per_node * recipe.launcher.nnodes
     experts = _recipe_experts(recipe.model)
     if experts == "unknown":  # a hub id: its config is read when the model loads

@@ -112,6 +112,9 @@ class Strategy:
         config = self.ds_config(micro_batch_size, grad_accum)
         if self.parallel.ep_size > 1:  # each rank keeps its share of the routed experts (posttrain.moe)
             from posttrain import moe
+            from posttrain.parallel import check_ep_zero_stage
+
+            check_ep_zero_stage(self.parallel.ep_size, self.ds.zero_stage, self.ds.gradient_clipping)
 
             self.ep = moe.apply_expert_parallel(model, self.parallel.ep_size)
             config = {**self.ep.ds_config(), **config}
