@@ -519,8 +519,12 @@ class RLConfig:
     max_gen_batches: int = 4  # generation rounds per step before training on what there is
     capability_weights: dict[str, float] = field(default_factory=dict)  # default: data.tasks weights, else equal
     pass_threshold: float = 1.0  # a completion "passes" (pass@k, filter passes) when its reward >= this
-    # Sequences per forward/backward per rank. The update of one step runs
-    # ceil(prompts_per_step * sampling.n / (ranks * micro_batch_size)) micro-batches on every rank.
+    # Optimizer updates per step: the step's sequences split into this many mini-batches, one update
+    # each (PPO-style reuse of the rollouts; the later updates are off-policy and the clip bounds them).
+    # The lr schedule (warmup_steps included) counts optimizer updates: max_steps * minibatches.
+    minibatches: int = 1
+    # Sequences per forward/backward per rank. Each update runs
+    # ceil(prompts_per_step * sampling.n / (minibatches * ranks * micro_batch_size)) micro-batches per rank.
     micro_batch_size: int = 256
     eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
     save_every: int = 50
@@ -532,8 +536,13 @@ class RLConfig:
             raise ConfigError(f"'{path}': prompts_per_step and max_gen_batches must be >= 1, max_steps >= 0")
         if self.sampling.n < 2:
             raise ConfigError(f"'{path}.sampling.n' must be >= 2 (group-relative advantages need a group), got {self.sampling.n}")
-        if self.micro_batch_size < 1:
-            raise ConfigError(f"'{path}.micro_batch_size' must be >= 1, got {self.micro_batch_size}")
+        if self.micro_batch_size < 1 or self.minibatches < 1:
+            raise ConfigError(f"'{path}': micro_batch_size and minibatches must be >= 1")
+        loss = self.loss
+        if loss.clip_low < 0 or loss.clip_high < 0 or loss.adv_eps <= 0 or loss.kl_coef < 0 or loss.entropy_coef < 0:
+            raise ConfigError(f"'{path}.loss': clip_low, clip_high, kl_coef, entropy_coef must be >= 0 and adv_eps > 0")
+        if self.curriculum.refilter_every < 0:
+            raise ConfigError(f"'{path}.curriculum.refilter_every' must be >= 0 (0: no filter passes)")
 
 
 STAGE_TYPES["rl"] = RLConfig

@@ -139,6 +139,23 @@ def test_zero_advantage_groups_never_reach_the_update(tmp_path: Path) -> None:
     assert all(torch.equal(start[k], end[k]) for k in start)
 
 
+def test_minibatches_make_several_updates_per_step_off_policy_after_the_first(tmp_path: Path) -> None:
+    """minibatches=2: two optimizer updates per step (the lr schedule counts updates: warmup 4 ->
+    3/4 of the lr after step 1's two updates), the second on weights the first already moved, so its
+    ratio against the pre-update log-probs leaves 1; the engine still matches the trainer on the
+    weights that sampled."""
+    data = tmp_path / "prompts.jsonl"
+    _write_prompts(data, ["parity"], n_per_cap=12)
+    optim = {"lr": 3e-2, "betas": [0.9, 0.99], "weight_decay": 0.0, "warmup_steps": 4, "schedule": "constant"}
+    run_pipeline(parse_recipe(_recipe(tmp_path, data, "mb", minibatches=2, optim=optim, log_samples_every=0)))
+    steps = [r for r in _rows(tmp_path / "runs" / "mb" / "rl", "metrics.jsonl") if r["step"] >= 1]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["train/updates"] == 2.0 for r in steps)
+    assert steps[0]["train/lr"] == pytest.approx(3e-2 * 3 / 4)
+    assert steps[0]["train/ratio_max"] > 1.0 + 1e-3
+    assert steps[1]["train/rollout_logprob_diff"] < 1e-4
+
+
 @pytest.mark.slow
 def test_resume_continues_the_curriculum_exactly(tmp_path: Path) -> None:
     """Run 3 steps (state saved at step 2), then replay a crash after step 2 and resume: step 3 of

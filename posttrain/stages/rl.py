@@ -69,7 +69,7 @@ def run_rl(ctx: StageContext) -> None:
 
     # ---- engines + resume ------------------------------------------------------------------
     grad_accum = micro_batches_per_step(cfg, strategy.world_size)
-    strategy.setup(model, cfg.optim, cfg.max_steps, cfg.micro_batch_size, grad_accum)
+    strategy.setup(model, cfg.optim, cfg.max_steps * cfg.minibatches, cfg.micro_batch_size, grad_accum)
     state = strategy.load_state(ctx.state_dir) or {}
     step = int(state.get("step", 0))
     totals: dict[str, float] = dict(state.get("totals", {}))
@@ -413,82 +413,112 @@ class _Seq:
     n_prompt: int
     advantage: float
     sampling_logprobs: list[float]  # [T_c] the rollout engine's log-probs of the completion tokens
+    old_logprobs: list[float] | None = None  # [T_c] the trainer's, before this step's first update
 
 
 def micro_batches_per_step(cfg: RLConfig, world_size: int) -> int:
-    """Fixed per run (DeepSpeed's accumulation boundary): enough micro-batches for a full step."""
-    return max(1, math.ceil(cfg.prompts_per_step * cfg.sampling.n / (world_size * cfg.micro_batch_size)))
+    """Micro-batches per optimizer update, fixed per run (DeepSpeed's accumulation boundary): enough
+    for one of the step's ``minibatches`` shares of ``prompts_per_step * n`` sequences."""
+    per_update = math.ceil(cfg.prompts_per_step * cfg.sampling.n / cfg.minibatches)
+    return max(1, math.ceil(per_update / (world_size * cfg.micro_batch_size)))
 
 
 def policy_update(
     strategy: Any, groups: list[RolloutGroup], cfg: RLConfig, grad_accum: int, pad_id: int, reference: Any
 ) -> dict[str, float]:
-    """One on-policy update on this rank's informative groups, in exactly ``grad_accum`` micro-batches
-    (a short step leaves some empty: they run a 2-token no-loss forward so every rank reaches the
-    accumulation boundary together); the loss is aggregated with the completion-token count of the
-    whole step (all ranks)."""
+    """The step's update(s) on this rank's informative groups: ``cfg.minibatches`` optimizer steps, each
+    on its share of the sequences, in exactly ``grad_accum`` micro-batches (a short step leaves some
+    empty: they run a 2-token no-loss forward so every rank reaches the accumulation boundary
+    together); each update's loss is aggregated with its completion-token count over all ranks.
+
+    The first update is on-policy (ratio 1). With ``minibatches > 1`` the later ones run on weights
+    that already moved: their ratio is taken against the trainer's log-probs from before the first
+    update (one no-grad forward of those sequences), and the clip bounds how far they go.
+    """
     seqs = [
         _Seq(g.prompt_ids + c.token_ids, len(g.prompt_ids), a, c.logprobs)
         for g in groups
         for c, r, a in zip(g.completions, g.rewards, g.advantages, strict=True)
         if not math.isnan(r) and c.token_ids
     ]
-    local_tokens = sum(len(s.ids) - s.n_prompt for s in seqs)
-    denom = strategy.all_reduce_sum(local_tokens)
-    if denom == 0:  # no informative group on any rank: no update compute at all
+    parts = [seqs[u :: cfg.minibatches] for u in range(cfg.minibatches)]
+    denoms = [strategy.all_reduce_sum(sum(len(s.ids) - s.n_prompt for s in part)) for part in parts]
+    total = sum(denoms)
+    if total == 0:  # no informative group on any rank: no update compute at all
         return {"train/skipped": 1.0}
-    chunks = [seqs[i::grad_accum] for i in range(grad_accum)]
+    chunk = lambda part: [part[i::grad_accum] or [_Seq([pad_id, pad_id], 2, 0.0, [])] for i in range(grad_accum)]  # noqa: E731
+    if cfg.minibatches > 1:
+        with torch.no_grad():  # old log-probs of the sequences updated after the first optimizer step
+            for part in parts[1:]:
+                for micro in chunk(part):
+                    batch = _collate(micro, pad_id)
+                    logits = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    lp = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:].to(logits.device)).cpu()  # [B, T-1]
+                    for b, s in enumerate(micro):
+                        s.old_logprobs = lp[b, s.n_prompt - 1 : len(s.ids) - 1].tolist()
+
     sums: dict[str, float] = defaultdict(float)
-    model_tokens = 0
-    for chunk in chunks:
-        if not chunk:  # keep every rank's backward count equal; contributes zero gradient
-            chunk = [_Seq([pad_id, pad_id], 2, 0.0, [])]
-        batch = _collate(chunk, pad_id)
-        model_tokens += int(batch["attention_mask"].sum())
-        logits = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-        logits = logits[:, :-1]  # [B, T-1, V] predicts tokens 1..T-1
-        targets = batch["input_ids"][:, 1:].to(logits.device)  # [B, T-1]
-        mask = batch["completion_mask"][:, 1:].to(logits.device)  # [B, T-1]
-        logprobs = token_logprobs(logits, targets)  # [B, T-1]
-        ref_logprobs = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_logits = reference(input_ids=batch["input_ids"].to(logits.device), attention_mask=batch["attention_mask"].to(logits.device)).logits
-                ref_logprobs = token_logprobs(ref_logits[:, :-1], targets)  # [B, T-1]
-        if cfg.loss.entropy_coef > 0:
-            entropy = entropy_from_logits(logits)  # [B, T-1]
-        else:
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach())
-        per_token, m = grpo_loss(
-            logprobs, logprobs.detach(), batch["advantages"].to(logits.device), mask,
-            clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
-            ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef, entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
-        )
-        loss = aggregate(per_token, mask, denom)
-        strategy.backward(loss)
-        strategy.step()
-        n_tok = float(mask.sum())
-        sums["loss"] += float(loss.detach())
-        sums["clip_frac"] += float(m["clip_frac"]) * n_tok
-        sums["entropy"] += float(m["entropy_mean"]) * n_tok
-        if "kl_mean" in m:
-            sums["kl"] += float(m["kl_mean"]) * n_tok
-        diff = (logprobs.detach() - batch["sampling_logprobs"].to(logits.device)).abs()
-        sums["logprob_diff"] += float((diff * mask).sum())
+    model_tokens = updates = 0
+    for part, denom in zip(parts, denoms, strict=True):
+        if denom == 0:  # the same on every rank: skip the whole optimizer step
+            continue
+        updates += 1
+        for micro in chunk(part):
+            batch = _collate(micro, pad_id)
+            model_tokens += int(batch["attention_mask"].sum())
+            logits = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+            logits = logits[:, :-1]  # [B, T-1, V] predicts tokens 1..T-1
+            targets = batch["input_ids"][:, 1:].to(logits.device)  # [B, T-1]
+            mask = batch["completion_mask"][:, 1:].to(logits.device)  # [B, T-1]
+            logprobs = token_logprobs(logits, targets)  # [B, T-1]
+            old = logprobs.detach() if micro[0].old_logprobs is None else batch["old_logprobs"].to(logits.device)
+            ref_logprobs = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logits = reference(input_ids=batch["input_ids"].to(logits.device), attention_mask=batch["attention_mask"].to(logits.device)).logits
+                    ref_logprobs = token_logprobs(ref_logits[:, :-1], targets)  # [B, T-1]
+            if cfg.loss.entropy_coef > 0:
+                entropy = entropy_from_logits(logits)  # [B, T-1]
+            else:
+                with torch.no_grad():
+                    entropy = entropy_from_logits(logits.detach())
+            per_token, m = grpo_loss(
+                logprobs, old, batch["advantages"].to(logits.device), mask,
+                clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
+                ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef, entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
+            )
+            loss = aggregate(per_token, mask, denom)
+            strategy.backward(loss)
+            strategy.step()
+            n_tok = float(mask.sum())
+            sums["loss"] += float(loss.detach()) * denom  # back to a token sum: the step's mean below
+            sums["clip_frac"] += float(m["clip_frac"]) * n_tok
+            sums["entropy"] += float(m["entropy_mean"]) * n_tok
+            sums["ratio_max"] = max(sums["ratio_max"], float(m["ratio_max"]) if n_tok else 0.0)
+            if "kl_mean" in m:
+                sums["kl"] += float(m["kl_mean"]) * n_tok
+            diff = (logprobs.detach() - batch["sampling_logprobs"].to(logits.device)).abs()
+            if micro[0].old_logprobs is None:  # before any update of this step: trainer vs engine
+                sums["logprob_diff"] += float((diff * mask).sum())
+                sums["logprob_tokens"] += n_tok
     out = {
-        "train/loss": strategy.all_reduce_sum(sums["loss"]),
-        "train/clip_frac": strategy.all_reduce_sum(sums["clip_frac"]) / denom,
-        "train/entropy": strategy.all_reduce_sum(sums["entropy"]) / denom,
+        "train/loss": strategy.all_reduce_sum(sums["loss"]) / total,
+        "train/clip_frac": strategy.all_reduce_sum(sums["clip_frac"]) / total,
+        "train/entropy": strategy.all_reduce_sum(sums["entropy"]) / total,
         "train/sequences": strategy.all_reduce_sum(len(seqs)),
-        "train/completion_tokens": denom,
+        "train/completion_tokens": total,
+        "train/updates": float(updates),
         "train/lr": strategy.lr,
-        # |trainer - rollout engine| log-prob per completion token: ~0 when the weight sync is right
-        "train/rollout_logprob_diff": strategy.all_reduce_sum(sums["logprob_diff"]) / denom,
+        # |trainer - rollout engine| log-prob per completion token, on the weights that sampled (the
+        # first update's sequences): ~0 when the weight sync is right
+        "train/rollout_logprob_diff": strategy.all_reduce_sum(sums["logprob_diff"])
+        / max(strategy.all_reduce_sum(sums["logprob_tokens"]), 1.0),
         "_model_tokens": strategy.all_reduce_sum(model_tokens),
     }
+    if cfg.minibatches > 1:
+        out["train/ratio_max"] = sums["ratio_max"]  # this rank's: 1 on-policy, > 1 once the later updates drift
     if reference is not None:
-        out["train/kl"] = strategy.all_reduce_sum(sums["kl"]) / denom
+        out["train/kl"] = strategy.all_reduce_sum(sums["kl"]) / total
     if (norm := strategy.grad_norm()) is not None:
         out["train/grad_norm"] = norm
     return out
@@ -496,19 +526,25 @@ def policy_update(
 
 def _collate(seqs: list[_Seq], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids/attention_mask/completion_mask [B, T], advantages [B],
-    sampling_logprobs [B, T-1] aligned with the shifted targets."""
+    sampling_logprobs / old_logprobs [B, T-1] aligned with the shifted targets (old: 0 where unknown)."""
     width = max(len(s.ids) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
     attn = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, T]
     comp = torch.zeros(len(seqs), width, dtype=torch.bool)  # [B, T]
+    sampling = torch.zeros(len(seqs), width - 1, dtype=torch.float32)  # [B, T-1]
     old = torch.zeros(len(seqs), width - 1, dtype=torch.float32)  # [B, T-1]
     for i, s in enumerate(seqs):
         ids[i, : len(s.ids)] = torch.tensor(s.ids)
         attn[i, : len(s.ids)] = 1
         comp[i, s.n_prompt : len(s.ids)] = True
-        old[i, s.n_prompt - 1 : len(s.ids) - 1] = torch.tensor(s.sampling_logprobs, dtype=torch.float32)
+        sampling[i, s.n_prompt - 1 : len(s.ids) - 1] = torch.tensor(s.sampling_logprobs, dtype=torch.float32)
+        if s.old_logprobs is not None:
+            old[i, s.n_prompt - 1 : len(s.ids) - 1] = torch.tensor(s.old_logprobs, dtype=torch.float32)
     adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)  # [B]
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp, "advantages": adv, "sampling_logprobs": old}
+    return {
+        "input_ids": ids, "attention_mask": attn, "completion_mask": comp, "advantages": adv,
+        "sampling_logprobs": sampling, "old_logprobs": old,
+    }  # fmt: skip
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
