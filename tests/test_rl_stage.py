@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.config import parse_recipe
+from posttrain.config import ConfigError, parse_recipe
 from posttrain.data import encode_prompt
 from posttrain.models import load_checkpoint
 from posttrain.pipeline import run_pipeline
@@ -154,6 +154,14 @@ def test_minibatches_make_several_updates_per_step_off_policy_after_the_first(tm
     assert steps[0]["train/lr"] == pytest.approx(3e-2 * 3 / 4)
     assert steps[0]["train/ratio_max"] > 1.0 + 1e-3
     assert steps[1]["train/rollout_logprob_diff"] < 1e-4
+
+
+def test_capability_weights_must_name_capabilities_of_the_data(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    _write_prompts(data, ["parity", "const"], n_per_cap=4)
+    recipe = parse_recipe(_recipe(tmp_path, data, "w", capability_weights={"parity": 1.0, "cnst": 2.0}))
+    with pytest.raises(ConfigError, match=r"capability_weights names 'cnst', .* its capabilities: const, parity$"):
+        run_pipeline(recipe)
 
 
 @pytest.mark.slow

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from posttrain.advantages import group_advantages, rewards_tensor
-from posttrain.config import RLConfig
+from posttrain.advantages import group_advantages, rewards_tensor, zero_advantage_mask
+from posttrain.config import ConfigError, RLConfig
 from posttrain.curriculum import PoolSettings, PromptPool, StratifiedSampler, pass_at_k
 from posttrain.data import load_rows, prompt_text
 from posttrain.evaluate import evaluate
@@ -63,7 +63,7 @@ def run_rl(ctx: StageContext) -> None:
     by_uid = {s.uid: s for s in samples}
     pool = PromptPool(samples, _pool_settings(cfg, ctx.seed)) if cfg.curriculum.enabled else None
     everything = _by_capability(samples)
-    sampler = StratifiedSampler(_capability_weights(cfg), seed=ctx.seed)
+    sampler = StratifiedSampler(_capability_weights(cfg, set(everything)), seed=ctx.seed)
     runner = RewardRunner(cfg.rewards)
     eval_ds = ctx.eval_set() if cfg.eval_every else None
 
@@ -173,8 +173,16 @@ def _by_capability(samples: list[Sample]) -> dict[str, list[str]]:
     return dict(out)
 
 
-def _capability_weights(cfg: RLConfig) -> dict[str, float]:
+def _capability_weights(cfg: RLConfig, capabilities: set[str]) -> dict[str, float]:
+    """The sampler's weights; a key that names no capability of the data is an error (a typo would
+    otherwise leave the real capability at the default weight)."""
     if cfg.capability_weights:
+        unknown = sorted(set(cfg.capability_weights) - capabilities)
+        if unknown:
+            raise ConfigError(
+                f"capability_weights names {', '.join(map(repr, unknown))}, which the RL data ({cfg.data.source}) "
+                f"does not have; its capabilities: {', '.join(sorted(capabilities))}"
+            )
         return dict(cfg.capability_weights)
     return {name: task.weight for name, task in cfg.data.tasks.items()}
 
@@ -258,7 +266,7 @@ def collect_groups(
         # per-uid (informative, n, correct) summed over ranks, so every rank makes the same choice
         local = {g.sample.uid: g for g in groups}
         flags = _all_reduce([
-            [float(u in local and not _zero(local[u])), float(len(local[u].completions)) if u in local else 0.0,
+            [float(u in local and not _zero(local[u])), float(_scored(local[u])) if u in local else 0.0,
              float(_correct(local[u], cfg)) if u in local else 0.0]
             for u in uids
         ], strategy)
@@ -322,16 +330,25 @@ def score(groups: list[RolloutGroup], runner: RewardRunner, cfg: RLConfig) -> di
 
 
 def _zero(g: RolloutGroup) -> bool:
-    scored = [r for r in g.rewards if not math.isnan(r)]
-    return len(scored) < 2 or min(scored) == max(scored)
+    """The zero-advantage rule of posttrain.advantages (all scored rewards exactly equal; NaN = None)."""
+    return bool(zero_advantage_mask(torch.tensor([g.rewards], dtype=torch.float64))[0])
+
+
+def _scored(g: RolloutGroup) -> int:
+    """Completions with a reward (``None`` ones are neither a pass nor a fail)."""
+    return sum(1 for r in g.rewards if not math.isnan(r))
 
 
 def _correct(g: RolloutGroup, cfg: RLConfig) -> int:
     return sum(1 for r in g.rewards if not math.isnan(r) and r >= cfg.pass_threshold)
 
 
+_COUNT_SUFFIXES = ("/errors", "/timeouts", "/nan", "/wrong_length", "/not_applicable", "/batch_failures", "/seconds")
+
+
 def _is_count(key: str) -> bool:
-    return key.endswith(("/errors", "/timeouts", "/nan", "/wrong_length", "/not_applicable", "reward/none"))
+    """Reward metrics that add up over a step's generation rounds (the others are averaged)."""
+    return key.endswith(_COUNT_SUFFIXES) or key in ("reward/none", "reward/failed_samples")
 
 
 def _count_caps(groups: list[RolloutGroup]) -> dict[str, int]:
@@ -353,9 +370,12 @@ def _group_metrics(groups: list[RolloutGroup], cfg: RLConfig) -> dict[str, float
         if not rewards:
             continue
         mean = sum(rewards) / len(rewards)
-        out[f"reward/{name}mean"] = mean
-        out[f"reward/{name}std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
-        nc = [(len(g.completions), _correct(g, cfg)) for g in gs if g.completions]
+        # overall: reward/mean, reward/std; per capability: rollout/<cap>/reward_mean (reward/<name>/…
+        # belongs to the reward runner's per-reward metrics)
+        key = "reward/" if not name else f"rollout/{name}reward_"
+        out[f"{key}mean"] = mean
+        out[f"{key}std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+        nc = [(_scored(g), _correct(g, cfg)) for g in gs if _scored(g)]
         out[f"rollout/{name}pass@1"] = sum(pass_at_k(a, c, 1) for a, c in nc) / len(nc)
         out[f"rollout/{name}pass@{n}"] = sum(pass_at_k(a, c, min(n, a)) for a, c in nc) / len(nc)
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
@@ -391,7 +411,7 @@ def filter_pass(
     params = dataclasses.replace(cfg.sampling, n=cfg.curriculum.filter_samples, seed=_seed(seed, step, 0, strategy.rank) ^ 0x5F)
     groups = engine.generate(mine, params)
     score(groups, runner, cfg)
-    local = {g.sample.uid: (len(g.completions), _correct(g, cfg)) for g in groups}
+    local = {g.sample.uid: (_scored(g), _correct(g, cfg)) for g in groups}
     table = _all_reduce([[float(local.get(u, (0, 0))[0]), float(local.get(u, (0, 0))[1])] for u in due], strategy)
     results = {u: (int(n), int(c)) for u, (n, c) in zip(due, table, strict=True) if n > 0}
     report = pool.filter_pass(results, step, k=cfg.curriculum.pass_k)
