@@ -176,6 +176,14 @@ class Strategy:
             torch.distributed.all_reduce(t)
         return float(t)
 
+    def all_gather_list(self, items: list[Any]) -> list[Any]:
+        """Every rank's ``items`` (picklable), concatenated in rank order, on every rank."""
+        if self.world_size == 1:
+            return list(items)
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, list(items))
+        return [x for part in gathered for x in part]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()

@@ -13,7 +13,8 @@ not counted in the loss denominator. Completions whose reward is ``None`` are le
 
 Data parallelism: every rank draws the same prompts (same sampler state) and generates its share
 (``uids[rank::world]``); per-prompt results are summed across ranks, so the pool, the sampler and
-the choice of kept groups are identical everywhere, and each rank trains on its own kept groups.
+the choice of kept groups are identical everywhere; the kept sequences are then spread evenly over
+the ranks for the update (the informative groups may have come from a few ranks).
 
 Bad input is counted, never fatal: prompts longer than ``data.max_prompt_len`` (or the context) are
 skipped at load (``data/skipped_long_prompts``, with the row numbers in the log), empty completions
@@ -461,6 +462,9 @@ def policy_update(
         for c, r, a in zip(g.completions, g.rewards, g.advantages, strict=True)
         if not math.isnan(r) and c.token_ids
     ]
+    # The kept groups can sit on a few ranks (each generated its own share of the prompts): spread
+    # the sequences evenly, so no rank's micro-batch outgrows micro_batch_size. Same gradient.
+    seqs = strategy.all_gather_list(seqs)[strategy.rank :: strategy.world_size]
     parts = [seqs[u :: cfg.minibatches] for u in range(cfg.minibatches)]
     denoms = [strategy.all_reduce_sum(sum(len(s.ids) - s.n_prompt for s in part)) for part in parts]
     total = sum(denoms)
