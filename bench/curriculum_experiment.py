@@ -68,8 +68,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "curriculum": {
         "filter_zero_advantage": True,
         "max_gen_batches": 4,
-        "curriculum": {"enabled": True, "pool_size": 256, "band": [0.0, 1.0], "refilter_every": 50,
-                       "filter_samples": 8, "pass_k": 8, "retire_after": 2, "backlog_recheck_every": 2},
+        "curriculum": {
+            "enabled": True,
+            "pool_size": 256,
+            "band": [0.0, 1.0],
+            "refilter_every": 50,
+            "filter_samples": 8,
+            "pass_k": 8,
+            "retire_after": 2,
+            "backlog_recheck_every": 2,
+        },
     },
 }
 # curriculum + a band that narrows to medium-to-hard over the run: pass rate <= 1 at step 0, <= 0.75 at
@@ -80,15 +88,21 @@ VARIANTS["curriculum_band"] = {
 }
 
 
-def recipe(name: str, out: Path, seed: int, model: dict[str, Any], stages: dict[str, Any], num_eval: int) -> Path:
+def recipe(
+    name: str, out: Path, seed: int, model: dict[str, Any], stages: dict[str, Any], num_eval: int
+) -> Path:
     doc = {
         "description": f"curriculum bench: {name}",
         "run": {"name": name, "dir": str(out), "seed": seed},
         "model": model,
         "deepspeed": {"zero_stage": 0},
         "tracking": {"progress": False, "log_every": 10, "wandb": {"mode": "disabled"}},
-        "eval": {"data": {"source": "tiny", "tasks": TASKS, "num_eval": num_eval}, "max_new_tokens": 8,
-                 "include_base": False, "batch_size": 500},
+        "eval": {
+            "data": {"source": "tiny", "tasks": TASKS, "num_eval": num_eval},
+            "max_new_tokens": 8,
+            "include_base": False,
+            "batch_size": 500,
+        },
         "stages": stages,
     }
     path = out / f"{name}.yaml"
@@ -99,7 +113,12 @@ def recipe(name: str, out: Path, seed: int, model: dict[str, Any], stages: dict[
 def run(path: Path, log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as f:
-        proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", f"recipe={path}"], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "posttrain.cli", "run", f"recipe={path}"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     if proc.returncode != 0:
         raise SystemExit(f"{path.name} failed (exit {proc.returncode}); see {log}")
 
@@ -120,7 +139,9 @@ def collect(stage_dir: Path, eval_at: list[int], steps: int) -> dict[str, Any]:
         out[f"sampled@{s}"] = final["sampled_pass@1"] if s == steps else r.get("eval/sampled_pass@1")
         out[f"greedy@{s}"] = final["greedy_pass@1"] if s == steps else r.get("eval/greedy_pass@1")
         out[f"rollouts@{s}"] = r.get("total/rollouts_all")
-    out["zero_adv_frac"] = statistics.mean(r["rollout/zero_adv_frac"] for r in rows if "rollout/zero_adv_frac" in r)
+    out["zero_adv_frac"] = statistics.mean(
+        r["rollout/zero_adv_frac"] for r in rows if "rollout/zero_adv_frac" in r
+    )
     stamps = [r["time"] for r in rows if "time" in r]
     out["seconds"] = max(stamps) - min(stamps) if stamps else None  # first to last logged row: the RL loop
     return out
@@ -134,7 +155,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    ap.add_argument("--num-eval", type=int, default=500, help="held-out prompts (sampled pass@1 noise ~ 0.5/sqrt(n))")
+    ap.add_argument(
+        "--num-eval", type=int, default=500, help="held-out prompts (sampled pass@1 noise ~ 0.5/sqrt(n))"
+    )
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -171,19 +194,35 @@ def main() -> None:
     print(table(results, eval_at, start, args.num_eval))
 
 
-def table(results: dict[str, dict[int, dict[str, Any]]], eval_at: list[int], start: dict[str, Any], num_eval: int) -> str:
-    lines = [f"held-out sampled pass@1 (T=1, {num_eval} prompts) and rollouts used; tiny dense Llama, 2-digit addition"]
+def table(
+    results: dict[str, dict[int, dict[str, Any]]], eval_at: list[int], start: dict[str, Any], num_eval: int
+) -> str:
+    lines = [
+        f"held-out sampled pass@1 (T=1, {num_eval} prompts) and rollouts used; tiny dense Llama, 2-digit addition"
+    ]
     if start:
         lines.append(f"SFT start: sampled {start['sampled_pass@1']:.3f}, greedy {start['greedy_pass@1']:.3f}")
-    head = ["variant", "seed"] + [f"@{s}" for s in eval_at] + [f"rollouts@{s}" for s in eval_at] + ["greedy@end", "zero-adv frac"]
+    head = (
+        ["variant", "seed"]
+        + [f"@{s}" for s in eval_at]
+        + [f"rollouts@{s}" for s in eval_at]
+        + ["greedy@end", "zero-adv frac"]
+    )
     rows = []
     for variant, seeds in results.items():
         for seed, r in sorted(seeds.items()):
-            rows.append([variant, str(seed)] + [_f(r[f"sampled@{s}"]) for s in eval_at] + [_i(r[f"rollouts@{s}"]) for s in eval_at]
-                        + [_f(r[f"greedy@{eval_at[-1]}"]), _f(r["zero_adv_frac"])])
-        rows.append([variant, "mean"] + [_f(_mean(seeds, f"sampled@{s}")) for s in eval_at]
-                    + [_i(_mean(seeds, f"rollouts@{s}")) for s in eval_at]
-                    + [_f(_mean(seeds, f"greedy@{eval_at[-1]}")), _f(_mean(seeds, "zero_adv_frac"))])
+            rows.append(
+                [variant, str(seed)]
+                + [_f(r[f"sampled@{s}"]) for s in eval_at]
+                + [_i(r[f"rollouts@{s}"]) for s in eval_at]
+                + [_f(r[f"greedy@{eval_at[-1]}"]), _f(r["zero_adv_frac"])]
+            )
+        rows.append(
+            [variant, "mean"]
+            + [_f(_mean(seeds, f"sampled@{s}")) for s in eval_at]
+            + [_i(_mean(seeds, f"rollouts@{s}")) for s in eval_at]
+            + [_f(_mean(seeds, f"greedy@{eval_at[-1]}")), _f(_mean(seeds, "zero_adv_frac"))]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([*lines, fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)])

@@ -95,18 +95,25 @@ def child_env(work: Path) -> dict[str, str]:
 
 def run_logged(cmd: list[str], log: Path, work: Path) -> int:
     with log.open("w") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(work), cwd=REPO).returncode
+        return subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(work), cwd=REPO
+        ).returncode
 
 
-def posttrain_recipe(work: Path, name: str, model: dict[str, Any], stage: dict[str, Any], args: argparse.Namespace) -> Path:
+def posttrain_recipe(
+    work: Path, name: str, model: dict[str, Any], stage: dict[str, Any], args: argparse.Namespace
+) -> Path:
     doc = {
         "description": f"rl_vs_trl bench: {name}",
         "run": {"name": name, "dir": str(work / "runs"), "seed": args.seed},
         "model": model,
         "deepspeed": {"zero_stage": args.zero_stage},
         "tracking": {"progress": False, "wandb": {"mode": "disabled"}},
-        "eval": {"data": {"source": "tiny", "tasks": TASKS, "num_eval": args.num_eval}, "max_new_tokens": args.max_tokens,
-                 "include_base": False},
+        "eval": {
+            "data": {"source": "tiny", "tasks": TASKS, "num_eval": args.num_eval},
+            "max_new_tokens": args.max_tokens,
+            "include_base": False,
+        },
         "stages": {stage["type"]: stage},
     }
     path = work / f"{name}.yaml"
@@ -118,19 +125,32 @@ def sft_checkpoint(work: Path, args: argparse.Namespace) -> tuple[Path, dict[str
     """posttrain's SFT stage on 2-digit addition, cached in <work>/runs/sft_<model>_<steps>_<recipe hash>."""
     # Unpacked rows, set explicitly: packed rows hold ~5x the tokens per step, and 900 such steps
     # solved every prompt here (no reward variance left to compare).
-    stage = {"type": "sft", "data": {"source": "tiny", "tasks": TASKS, "num_train": 60000}, "max_steps": args.sft_steps,
-             "micro_batch_size": 128, "pack": False, "optim": {"lr": 3.0e-3, "warmup_steps": 20, "schedule": "cosine"},
-             "save_every": 0}
-    digest = hashlib.sha1(json.dumps(stage, sort_keys=True).encode()).hexdigest()[:8]  # the cache follows the recipe
+    stage = {
+        "type": "sft",
+        "data": {"source": "tiny", "tasks": TASKS, "num_train": 60000},
+        "max_steps": args.sft_steps,
+        "micro_batch_size": 128,
+        "pack": False,
+        "optim": {"lr": 3.0e-3, "warmup_steps": 20, "schedule": "cosine"},
+        "save_every": 0,
+    }
+    digest = hashlib.sha1(json.dumps(stage, sort_keys=True).encode()).hexdigest()[
+        :8
+    ]  # the cache follows the recipe
     name = f"sft_{args.model}_{args.sft_steps}_{digest}"
     stage_dir = work / "runs" / name / "sft"
     if not (stage_dir / "DONE").exists():
         model = yaml.safe_load((REPO / "recipes" / "model" / f"{args.model}.yaml").read_text())
         path = posttrain_recipe(work, name, model, stage, args)
         shutil.rmtree(work / "runs" / name, ignore_errors=True)
-        print(f"[bench] SFT starting checkpoint: {args.sft_steps} steps of posttrain's SFT stage ...", flush=True)
+        print(
+            f"[bench] SFT starting checkpoint: {args.sft_steps} steps of posttrain's SFT stage ...",
+            flush=True,
+        )
         t0 = time.time()
-        if run_logged([sys.executable, "-m", "posttrain.cli", "run", f"recipe={path}"], work / f"{name}.log", work):
+        if run_logged(
+            [sys.executable, "-m", "posttrain.cli", "run", f"recipe={path}"], work / f"{name}.log", work
+        ):
             raise SystemExit(f"the SFT run failed; see {work / f'{name}.log'}")
         print(f"[bench] SFT done in {time.time() - t0:.0f} s", flush=True)
     return stage_dir / "checkpoint", json.loads((stage_dir / "eval.json").read_text())
@@ -140,7 +160,9 @@ def sft_checkpoint(work: Path, args: argparse.Namespace) -> tuple[Path, dict[str
 # posttrain contenders
 
 
-def run_posttrain(work: Path, name: str, init: Path, engine: str, filtered: bool, args: argparse.Namespace) -> dict[str, Any]:
+def run_posttrain(
+    work: Path, name: str, init: Path, engine: str, filtered: bool, args: argparse.Namespace
+) -> dict[str, Any]:
     per_step = args.prompts * args.n
     stage = {
         "type": "rl",
@@ -149,7 +171,13 @@ def run_posttrain(work: Path, name: str, init: Path, engine: str, filtered: bool
         "engine": {"kind": engine},
         "rewards": {"specs": [{"name": "exact_match"}]},
         "loss": {"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0, "log_kl": False},
-        "optim": {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0, "warmup_steps": 10, "schedule": "constant"},
+        "optim": {
+            "lr": 1e-4,
+            "betas": [0.9, 0.99],
+            "weight_decay": 0.0,
+            "warmup_steps": 10,
+            "schedule": "constant",
+        },
         "max_steps": args.warmup + args.steps,
         "prompts_per_step": args.prompts,
         "filter_zero_advantage": filtered,
@@ -165,14 +193,22 @@ def run_posttrain(work: Path, name: str, init: Path, engine: str, filtered: bool
     print(f"[bench] {name} ...", flush=True)
     t0 = time.time()
     log = work / f"{name}.log"
-    if run_logged([sys.executable, str(Path(__file__).resolve()), "--worker", "posttrain", "--recipe", str(path)], log, work):
+    if run_logged(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", "posttrain", "--recipe", str(path)],
+        log,
+        work,
+    ):
         raise SystemExit(f"{name} failed; see {log}")
     print(f"[bench] {name} done in {time.time() - t0:.0f} s", flush=True)
     return read_posttrain(work / "runs" / name / "rl", args, filtered)
 
 
 def read_posttrain(stage_dir: Path, args: argparse.Namespace, filtered: bool) -> dict[str, Any]:
-    rows = {r["step"]: r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "time/step_s" in r}
+    rows = {
+        r["step"]: r
+        for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines())
+        if "time/step_s" in r
+    }
     measured = list(range(args.warmup + 1, args.warmup + args.steps + 1))
     missing = [s for s in measured + [args.warmup] if s not in rows]
     if missing:
@@ -194,17 +230,23 @@ def read_posttrain(stage_dir: Path, args: argparse.Namespace, filtered: bool) ->
         pairs = [table_rows[s][i : i + 2] for i in range(0, len(table_rows[s]), 2)]
         trained = rows[s]["rollout/groups_trained"]
         if len(pairs) != trained or any(len(p) != 2 or p[0]["prompt"] != p[1]["prompt"] for p in pairs):
-            raise SystemExit(f"{stage_dir}: step {s} trained {trained} groups but samples.jsonl does not hold a best/worst pair for each")
+            raise SystemExit(
+                f"{stage_dir}: step {s} trained {trained} groups but samples.jsonl does not hold a best/worst pair for each"
+            )
         groups += pairs
         if filtered and trained > rows[s]["rollout/groups_informative"]:
-            raise SystemExit(f"{stage_dir}: step {s} trained {trained} groups with only {rows[s]['rollout/groups_informative']} informative")
+            raise SystemExit(
+                f"{stage_dir}: step {s} trained {trained} groups with only {rows[s]['rollout/groups_informative']} informative"
+            )
     zero_trained = sum(1 for best, worst in groups if best["reward"] == worst["reward"])  # all rewards equal
     tokens = sum(r["rollout/tokens"] for r in m)
     seconds = sum(r["rollout/seconds"] for r in m)
     return {
         "step_s": statistics.median(intervals),
         "step_s_mean": statistics.mean(intervals),
-        "loop_step_s": statistics.median(r["time/step_s"] for r in m),  # rollout + update + sync, logging excluded
+        "loop_step_s": statistics.median(
+            r["time/step_s"] for r in m
+        ),  # rollout + update + sync, logging excluded
         "step_cpu_s": statistics.median(cpu),
         "step_cpu_s_mean": statistics.mean(cpu),
         "gen_cpu_s": statistics.mean(gen_cpu),
@@ -248,8 +290,12 @@ def posttrain_worker(recipe: Path) -> int:
 
     def log_with_cpu(self: Any, metrics: dict[str, Any], step: int) -> None:
         if "time/step_s" in metrics:  # an RL step's row: cumulative counters, differenced by the reader
-            metrics = {**metrics, "bench/process_cpu_s": time.process_time(), "bench/gen_cpu_s": gen["cpu_s"],
-                       "bench/gen_tokens": gen["tokens"]}
+            metrics = {
+                **metrics,
+                "bench/process_cpu_s": time.process_time(),
+                "bench/gen_cpu_s": gen["cpu_s"],
+                "bench/gen_tokens": gen["tokens"],
+            }
         log(self, metrics, step)
 
     tracking.Tracker.log = log_with_cpu  # type: ignore[method-assign]
@@ -265,8 +311,18 @@ def run_trl(work: Path, init: Path, use_vllm: bool, args: argparse.Namespace) ->
     out = work / f"{name}.json"
     out.unlink(missing_ok=True)
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "trl", "--init", str(init.resolve()), "--work", str(work),
-           "--trl-engine", "vllm" if use_vllm else "hf"] + shared_flags(args)
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "trl",
+        "--init",
+        str(init.resolve()),
+        "--work",
+        str(work),
+        "--trl-engine",
+        "vllm" if use_vllm else "hf",
+    ] + shared_flags(args)
     print(f"[bench] {name} ...", flush=True)
     t0 = time.time()
     rc = run_logged(cmd, work / f"{name}.log", work)
@@ -277,8 +333,10 @@ def run_trl(work: Path, init: Path, use_vllm: bool, args: argparse.Namespace) ->
 
 
 def shared_flags(args: argparse.Namespace) -> list[str]:
-    return [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-            ("steps", "warmup", "prompts", "n", "max_tokens", "num_prompts", "seed", "model")]
+    return [
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("steps", "warmup", "prompts", "n", "max_tokens", "num_prompts", "seed", "model")
+    ]
 
 
 def trl_worker(args: argparse.Namespace) -> None:
@@ -296,24 +354,52 @@ def trl_worker(args: argparse.Namespace) -> None:
     name = "trl_vllm" if use_vllm else "trl_hf"
     out = work / f"{name}.json"
     tokenizer = AutoTokenizer.from_pretrained(args.init)
-    ds = tiny_dataset({k: TinyTaskConfig(kind=v["kind"], levels=tuple(v["levels"])) for k, v in TASKS.items()}, "train",
-                      args.num_prompts, args.seed)  # the rows posttrain's RL stage loads (same tasks, size, seed)
+    ds = tiny_dataset(
+        {k: TinyTaskConfig(kind=v["kind"], levels=tuple(v["levels"])) for k, v in TASKS.items()},
+        "train",
+        args.num_prompts,
+        args.seed,
+    )  # the rows posttrain's RL stage loads (same tasks, size, seed)
     known_prompts = {tuple(encode_prompt(tokenizer, p)) for p in ds["prompt"]}
     ds = ds.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}]})
 
-    def exact_match_reward(prompts: list[Any], completions: list[Any], answer: list[str], **_: Any) -> list[float | None]:
+    def exact_match_reward(
+        prompts: list[Any], completions: list[Any], answer: list[str], **_: Any
+    ) -> list[float | None]:
         return exact_match([], [c[-1]["content"] for c in completions], answer=answer)
 
     per_step = args.prompts * args.n
     config = GRPOConfig(
-        output_dir=str(work / "runs" / name), use_cpu=True, seed=args.seed, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-        per_device_train_batch_size=per_step, gradient_accumulation_steps=1, num_generations=args.n,
-        max_completion_length=args.max_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0, warmup_steps=10,
-        lr_scheduler_type="constant_with_warmup", max_grad_norm=1.0, beta=0.0, epsilon=0.2, loss_type="dapo",
+        output_dir=str(work / "runs" / name),
+        use_cpu=True,
+        seed=args.seed,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        per_device_train_batch_size=per_step,
+        gradient_accumulation_steps=1,
+        num_generations=args.n,
+        max_completion_length=args.max_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=1e-4,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        weight_decay=0.0,
+        warmup_steps=10,
+        lr_scheduler_type="constant_with_warmup",
+        max_grad_norm=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="dapo",
         max_steps=args.warmup + args.steps,
-        use_vllm=use_vllm, vllm_mode="colocate", vllm_enable_sleep_mode=False, vllm_max_model_length=128,
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
+        vllm_enable_sleep_mode=False,
+        vllm_max_model_length=128,
     )
     model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
     step_ends: dict[int, tuple[float, float]] = {}  # step -> (wall, process CPU) at its end
@@ -323,8 +409,14 @@ def trl_worker(args: argparse.Namespace) -> None:
             step_ends[state.global_step] = (time.time(), time.process_time())
             return control
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=config, train_dataset=ds,
-                          processing_class=tokenizer, callbacks=[StepClock()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[exact_match_reward],
+        args=config,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        callbacks=[StepClock()],
+    )
 
     # Timers around generation (and, with vLLM, the weight sync inside it): measurement only.
     gen: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -333,7 +425,9 @@ def trl_worker(args: argparse.Namespace) -> None:
     def timed_generate(prompt_ids: list[list[int]], *a: Any, **kw: Any) -> Any:
         unknown = [p for p in prompt_ids if tuple(p) not in known_prompts]
         if unknown:
-            raise RuntimeError(f"TRL tokenised a prompt differently from posttrain: {tokenizer.decode(unknown[0])!r}")
+            raise RuntimeError(
+                f"TRL tokenised a prompt differently from posttrain: {tokenizer.decode(unknown[0])!r}"
+            )
         t0, c0 = time.perf_counter(), time.process_time()
         completion_ids, logprobs = original(prompt_ids, *a, **kw)
         g = gen[trainer.state.global_step + 1]
@@ -361,11 +455,15 @@ def trl_worker(args: argparse.Namespace) -> None:
         frame = traceback.extract_tb(e.__traceback__)
         trl_frames = [f for f in frame if "/trl/" in f.filename]
         where = trl_frames[-1] if trl_frames else frame[-1]
-        out.write_text(json.dumps({
-            "error": f"{type(e).__name__}: {e}",
-            "where": f"{where.filename.split('site-packages/')[-1]}:{where.lineno} ({where.line})",
-            "innermost": f"{frame[-1].filename.split('site-packages/')[-1]}:{frame[-1].lineno}",
-        }))
+        out.write_text(
+            json.dumps(
+                {
+                    "error": f"{type(e).__name__}: {e}",
+                    "where": f"{where.filename.split('site-packages/')[-1]}:{where.lineno} ({where.line})",
+                    "innermost": f"{frame[-1].filename.split('site-packages/')[-1]}:{frame[-1].lineno}",
+                }
+            )
+        )
         raise
 
     measured = list(range(args.warmup + 1, args.warmup + args.steps + 1))
@@ -375,26 +473,32 @@ def trl_worker(args: argparse.Namespace) -> None:
     gen_s = [gen[s]["seconds"] - gen[s]["sync_seconds"] for s in measured]
     gen_cpu = [gen[s]["cpu_s"] - gen[s]["sync_cpu_s"] for s in measured]
     tokens = sum(gen[s]["tokens"] for s in measured)
-    out.write_text(json.dumps({
-        "engine": "vllm" if use_vllm else "hf",
-        "step_s": statistics.median(intervals),
-        "step_s_mean": statistics.mean(intervals),
-        "loop_step_s": statistics.median(logs[s]["step_time"] for s in measured),  # TRL's own step_time
-        "step_cpu_s": statistics.median(cpu),
-        "step_cpu_s_mean": statistics.mean(cpu),
-        "gen_cpu_s": statistics.mean(gen_cpu),
-        "rollout_tok_cpu_s": tokens / sum(gen_cpu),
-        "gen_s": statistics.mean(gen_s),
-        "sync_s": statistics.mean(gen[s]["sync_seconds"] for s in measured),
-        "rollout_tok_s": tokens / sum(gen_s),
-        "tokens_per_step": tokens / len(measured),
-        "completions_per_step": statistics.mean(gen[s]["completions"] for s in measured),
-        "gen_rounds_per_step": 1.0,
-        "groups_trained_per_step": statistics.mean(gen[s]["completions"] for s in measured) / args.n,
-        "zero_adv_frac_generated": statistics.mean(logs[s]["frac_reward_zero_std"] for s in measured),
-        "zero_adv_frac_trained": statistics.mean(logs[s]["frac_reward_zero_std"] for s in measured),
-        "reward_mean": statistics.mean(logs[s]["reward"] for s in measured),
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "engine": "vllm" if use_vllm else "hf",
+                "step_s": statistics.median(intervals),
+                "step_s_mean": statistics.mean(intervals),
+                "loop_step_s": statistics.median(
+                    logs[s]["step_time"] for s in measured
+                ),  # TRL's own step_time
+                "step_cpu_s": statistics.median(cpu),
+                "step_cpu_s_mean": statistics.mean(cpu),
+                "gen_cpu_s": statistics.mean(gen_cpu),
+                "rollout_tok_cpu_s": tokens / sum(gen_cpu),
+                "gen_s": statistics.mean(gen_s),
+                "sync_s": statistics.mean(gen[s]["sync_seconds"] for s in measured),
+                "rollout_tok_s": tokens / sum(gen_s),
+                "tokens_per_step": tokens / len(measured),
+                "completions_per_step": statistics.mean(gen[s]["completions"] for s in measured),
+                "gen_rounds_per_step": 1.0,
+                "groups_trained_per_step": statistics.mean(gen[s]["completions"] for s in measured) / args.n,
+                "zero_adv_frac_generated": statistics.mean(logs[s]["frac_reward_zero_std"] for s in measured),
+                "zero_adv_frac_trained": statistics.mean(logs[s]["frac_reward_zero_std"] for s in measured),
+                "reward_mean": statistics.mean(logs[s]["reward"] for s in measured),
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,44 +506,101 @@ def trl_worker(args: argparse.Namespace) -> None:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    head = ["contender", "step wall s", "step CPU s", "gen CPU s", "rest CPU s", "gen tok/s", "gen tok/CPU-s",
-            "rollouts/step", "groups trained/step", "zero-adv generated", "zero-adv trained", "reward"]
+    head = [
+        "contender",
+        "step wall s",
+        "step CPU s",
+        "gen CPU s",
+        "rest CPU s",
+        "gen tok/s",
+        "gen tok/CPU-s",
+        "rollouts/step",
+        "groups trained/step",
+        "zero-adv generated",
+        "zero-adv trained",
+        "reward",
+    ]
     rows = []
     for name, r in results.items():
         rest = r["step_cpu_s_mean"] - r["gen_cpu_s"]  # update, weight sync, rewards, logging
-        rows.append([name, f"{r['step_s']:.3f}", f"{r['step_cpu_s']:.3f}", f"{r['gen_cpu_s']:.3f}", f"{rest:.3f}",
-                     f"{r['rollout_tok_s']:.0f}", f"{r['rollout_tok_cpu_s']:.0f}", f"{r['completions_per_step']:.0f}",
-                     f"{r['groups_trained_per_step']:.1f}", f"{r['zero_adv_frac_generated']:.3f}",
-                     f"{r['zero_adv_frac_trained']:.3f}", f"{r['reward_mean']:.3f}"])
+        rows.append(
+            [
+                name,
+                f"{r['step_s']:.3f}",
+                f"{r['step_cpu_s']:.3f}",
+                f"{r['gen_cpu_s']:.3f}",
+                f"{rest:.3f}",
+                f"{r['rollout_tok_s']:.0f}",
+                f"{r['rollout_tok_cpu_s']:.0f}",
+                f"{r['completions_per_step']:.0f}",
+                f"{r['groups_trained_per_step']:.1f}",
+                f"{r['zero_adv_frac_generated']:.3f}",
+                f"{r['zero_adv_frac_trained']:.3f}",
+                f"{r['reward_mean']:.3f}",
+            ]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=REPO / "runs" / "rl_vs_trl", help="bench dir (SFT cache, runs, logs, results.json)")
-    ap.add_argument("--init", type=Path, default=None, help="a starting HF checkpoint dir (default: train one with posttrain SFT)")
-    ap.add_argument("--model", default="tiny_llama", help="recipes/model/NAME.yaml for the SFT start (dense: TRL fails on Llama 4)")
-    ap.add_argument("--sft-steps", type=int, default=900,
-                    help="posttrain SFT steps (unpacked rows, batch 128, cosine lr 3e-3) for the starting checkpoint "
-                         "(held-out greedy pass@1 measured here: 300 -> 3%%, 500 -> 5.5%%, 900 -> 38%%)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=REPO / "runs" / "rl_vs_trl",
+        help="bench dir (SFT cache, runs, logs, results.json)",
+    )
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="a starting HF checkpoint dir (default: train one with posttrain SFT)",
+    )
+    ap.add_argument(
+        "--model",
+        default="tiny_llama",
+        help="recipes/model/NAME.yaml for the SFT start (dense: TRL fails on Llama 4)",
+    )
+    ap.add_argument(
+        "--sft-steps",
+        type=int,
+        default=900,
+        help="posttrain SFT steps (unpacked rows, batch 128, cosine lr 3e-3) for the starting checkpoint "
+        "(held-out greedy pass@1 measured here: 300 -> 3%%, 500 -> 5.5%%, 900 -> 38%%)",
+    )
     ap.add_argument("--steps", type=int, default=10, help="measured RL steps")
     ap.add_argument("--warmup", type=int, default=2, help="RL steps run first and left out of the timings")
     ap.add_argument("--prompts", type=int, default=8, help="prompts (groups) per step")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (group size)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--num-prompts", type=int, default=2000, help="train rows of the prompt set")
-    ap.add_argument("--num-eval", type=int, default=200, help="held-out prompts for the pipeline's end-of-stage eval")
-    ap.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="posttrain's DeepSpeed ZeRO stage")
+    ap.add_argument(
+        "--num-eval", type=int, default=200, help="held-out prompts for the pipeline's end-of-stage eval"
+    )
+    ap.add_argument(
+        "--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="posttrain's DeepSpeed ZeRO stage"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--trl-engine", choices=["auto", "vllm", "hf"], default="auto",
-                    help="auto: try vLLM colocate, fall back to transformers generate (TRL only) if it fails")
+    ap.add_argument(
+        "--trl-engine",
+        choices=["auto", "vllm", "hf"],
+        default="auto",
+        help="auto: try vLLM colocate, fall back to transformers generate (TRL only) if it fails",
+    )
     ap.add_argument("--worker", choices=["trl", "posttrain"], help=argparse.SUPPRESS)
     ap.add_argument("--recipe", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warmup < 1 or args.steps < 1:
-        raise SystemExit("--warmup and --steps must be >= 1 (the first measured interval starts at the end of the last warm-up step)")
+        raise SystemExit(
+            "--warmup and --steps must be >= 1 (the first measured interval starts at the end of the last warm-up step)"
+        )
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if args.worker == "trl":
@@ -454,7 +615,9 @@ def main() -> None:
         init, start = sft_checkpoint(work, args)
     elif not (Path(init) / "config.json").exists():
         raise SystemExit(f"--init {init}: not an HF checkpoint dir (no config.json)")
-    elif (Path(init).parent / "eval.json").exists():  # a posttrain stage's checkpoint: its held-out eval sits beside it
+    elif (
+        Path(init).parent / "eval.json"
+    ).exists():  # a posttrain stage's checkpoint: its held-out eval sits beside it
         start = json.loads((Path(init).parent / "eval.json").read_text())
 
     results: dict[str, dict[str, Any]] = {}
@@ -472,17 +635,27 @@ def main() -> None:
         trl = run_trl(work, init, False, args)
         if "error" in trl:
             raise SystemExit(f"TRL with transformers generate failed too: {trl['error']}")
-    trl_name = "TRL GRPO " + ("vllm colocate" if trl["engine"] == "vllm" else "HF generate (fallback)" if trl_note else "HF generate")
+    trl_name = "TRL GRPO " + (
+        "vllm colocate"
+        if trl["engine"] == "vllm"
+        else "HF generate (fallback)"
+        if trl_note
+        else "HF generate"
+    )
     results[trl_name] = trl
     results["posttrain hf plain"] = run_posttrain(work, "posttrain_hf_plain", init, "hf", False, args)
     results["posttrain vllm"] = run_posttrain(work, "posttrain_vllm_default", init, "vllm", True, args)
 
     pv, ph, pf = results["posttrain vllm plain"], results["posttrain hf plain"], results["posttrain vllm"]
     if pf["groups_trained"] == 0:
-        raise SystemExit("no measured step had an informative group: the starting checkpoint solves all or none of the "
-                         f"prompts (held-out: {start or 'unknown'}); pick another --sft-steps or --init")
+        raise SystemExit(
+            "no measured step had an informative group: the starting checkpoint solves all or none of the "
+            f"prompts (held-out: {start or 'unknown'}); pick another --sft-steps or --init"
+        )
     if pf["zero_adv_frac_trained"] != 0.0:
-        raise SystemExit(f"posttrain's default trained on zero-advantage groups: {pf['zero_adv_frac_trained']:.3f} of {pf['groups_trained']}")
+        raise SystemExit(
+            f"posttrain's default trained on zero-advantage groups: {pf['zero_adv_frac_trained']:.3f} of {pf['groups_trained']}"
+        )
     ratios = {
         "a_step_cpu_trl_over_posttrain_plain": trl["step_cpu_s"] / pv["step_cpu_s"],
         "a_step_wall_trl_over_posttrain_plain": trl["step_s"] / pv["step_s"],
@@ -504,46 +677,92 @@ def main() -> None:
     import trl as trl_pkg
     import vllm
 
-    setup = (f"tiny dense Llama ({args.model}, SFT {'from --init' if args.init else f'{args.sft_steps} steps'}), 2-digit addition; "
-             f"{args.prompts} prompts x {args.n} samples, {args.max_tokens} new tokens, T=1; {args.steps} measured steps after "
-             f"{args.warmup} warm-up; 1 thread; posttrain DeepSpeed ZeRO-{args.zero_stage}")
+    setup = (
+        f"tiny dense Llama ({args.model}, SFT {'from --init' if args.init else f'{args.sft_steps} steps'}), 2-digit addition; "
+        f"{args.prompts} prompts x {args.n} samples, {args.max_tokens} new tokens, T=1; {args.steps} measured steps after "
+        f"{args.warmup} warm-up; 1 thread; posttrain DeepSpeed ZeRO-{args.zero_stage}"
+    )
     print()
     print(setup)
     if start:
-        print(f"starting checkpoint, held-out: greedy pass@1 {start['greedy_pass@1']:.3f}, sampled pass@1 {start['sampled_pass@1']:.3f}")
-    print(f"TRL {trl_pkg.__version__} generation: {'vLLM colocate' if trl['engine'] == 'vllm' else 'transformers generate (HF)'}"
-          + (f" - fallback because {trl_note}" if trl_note else ""))
-    print("step wall/CPU s: median wall / process-CPU time between the ends of consecutive optimizer steps (CPU time is")
-    print("  what a step costs on an idle core; wall time adds waits for the shared machine). gen: inside the generate call,")
-    print("  weight sync excluded; tokens include EOS. zero-adv: share of groups whose rewards are all equal, among the groups")
+        print(
+            f"starting checkpoint, held-out: greedy pass@1 {start['greedy_pass@1']:.3f}, sampled pass@1 {start['sampled_pass@1']:.3f}"
+        )
+    print(
+        f"TRL {trl_pkg.__version__} generation: {'vLLM colocate' if trl['engine'] == 'vllm' else 'transformers generate (HF)'}"
+        + (f" - fallback because {trl_note}" if trl_note else "")
+    )
+    print(
+        "step wall/CPU s: median wall / process-CPU time between the ends of consecutive optimizer steps (CPU time is"
+    )
+    print(
+        "  what a step costs on an idle core; wall time adds waits for the shared machine). gen: inside the generate call,"
+    )
+    print(
+        "  weight sync excluded; tokens include EOS. zero-adv: share of groups whose rewards are all equal, among the groups"
+    )
     print("  generated / the groups the update trained on.\n")
     print(table(results))
     print()
     r = ratios
     lines = [
-        ("(a) time per RL step, TRL / posttrain vLLM, same work (plain)", r["a_step_cpu_trl_over_posttrain_plain"], r["a_step_wall_trl_over_posttrain_plain"]),
-        (f"    time per RL step, TRL / posttrain vLLM default (filter+refill: {pf['completions_per_step']:.0f} vs "
-         f"{trl['completions_per_step']:.0f} rollouts/step)", r["a_step_cpu_trl_over_posttrain_default"], r["a_step_wall_trl_over_posttrain_default"]),
-        (f"    rollout tokens/s, posttrain vLLM / TRL ({'vLLM' if trl['engine'] == 'vllm' else 'HF generate'})",
-         r["a_gen_tok_per_cpu_s_posttrain_vllm_over_trl"], r["a_gen_tok_per_s_posttrain_vllm_over_trl"]),
-        ("(b) time per RL step, posttrain HF engine / vLLM engine (plain)", r["b_step_cpu_hf_over_vllm"], r["b_step_wall_hf_over_vllm"]),
-        ("    rollout tokens/s, posttrain vLLM engine / HF engine", r["b_gen_tok_per_cpu_s_vllm_over_hf"], r["b_gen_tok_per_s_vllm_over_hf"]),
+        (
+            "(a) time per RL step, TRL / posttrain vLLM, same work (plain)",
+            r["a_step_cpu_trl_over_posttrain_plain"],
+            r["a_step_wall_trl_over_posttrain_plain"],
+        ),
+        (
+            f"    time per RL step, TRL / posttrain vLLM default (filter+refill: {pf['completions_per_step']:.0f} vs "
+            f"{trl['completions_per_step']:.0f} rollouts/step)",
+            r["a_step_cpu_trl_over_posttrain_default"],
+            r["a_step_wall_trl_over_posttrain_default"],
+        ),
+        (
+            f"    rollout tokens/s, posttrain vLLM / TRL ({'vLLM' if trl['engine'] == 'vllm' else 'HF generate'})",
+            r["a_gen_tok_per_cpu_s_posttrain_vllm_over_trl"],
+            r["a_gen_tok_per_s_posttrain_vllm_over_trl"],
+        ),
+        (
+            "(b) time per RL step, posttrain HF engine / vLLM engine (plain)",
+            r["b_step_cpu_hf_over_vllm"],
+            r["b_step_wall_hf_over_vllm"],
+        ),
+        (
+            "    rollout tokens/s, posttrain vLLM engine / HF engine",
+            r["b_gen_tok_per_cpu_s_vllm_over_hf"],
+            r["b_gen_tok_per_s_vllm_over_hf"],
+        ),
     ]
     width = max(len(t) for t, _, _ in lines)
     print(f"{'ratio':<{width}}  {'CPU time':>8}  {'wall':>6}")
     for text, by_cpu, by_wall in lines:
         print(f"{text:<{width}}  {by_cpu:7.2f}x  {by_wall:5.2f}x")
-    print(f"(c) update compute on zero-advantage groups: TRL (frac_reward_zero_std) {trl['zero_adv_frac_trained']:.3f}; "
-          f"posttrain default {pf['zero_adv_frac_trained']:.3f} (asserted 0 over {pf['groups_trained']} trained groups); "
-          f"posttrain plain {pv['zero_adv_frac_trained']:.3f}")
+    print(
+        f"(c) update compute on zero-advantage groups: TRL (frac_reward_zero_std) {trl['zero_adv_frac_trained']:.3f}; "
+        f"posttrain default {pf['zero_adv_frac_trained']:.3f} (asserted 0 over {pf['groups_trained']} trained groups); "
+        f"posttrain plain {pv['zero_adv_frac_trained']:.3f}"
+    )
 
-    (work / "results.json").write_text(json.dumps({
-        "setup": setup, "args": {k: str(v) for k, v in vars(args).items()}, "start_checkpoint_eval": start,
-        "trl_generation": trl["engine"], "trl_vllm_failure": trl_note or None,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_pkg.__version__,
-                     "vllm": vllm.__version__},
-        "results": results, "ratios": ratios,
-    }, indent=1))
+    (work / "results.json").write_text(
+        json.dumps(
+            {
+                "setup": setup,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "start_checkpoint_eval": start,
+                "trl_generation": trl["engine"],
+                "trl_vllm_failure": trl_note or None,
+                "versions": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "trl": trl_pkg.__version__,
+                    "vllm": vllm.__version__,
+                },
+                "results": results,
+                "ratios": ratios,
+            },
+            indent=1,
+        )
+    )
     print(f"\nresults: {work / 'results.json'}")
 
 

@@ -34,7 +34,9 @@ def max_logprob_gap(groups: list[RolloutGroup], model: torch.nn.Module) -> float
             for c in g.completions:
                 ids = torch.tensor([g.prompt_ids + c.token_ids])
                 logits = model(ids).logits[0, len(g.prompt_ids) - 1 : -1]  # [T_c, V]
-                ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+                ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[
+                    :, 0
+                ]
                 gap = max(gap, (torch.tensor(c.logprobs) - ref).abs().max().item())
     return gap
 
@@ -48,7 +50,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    cfg = parse(ModelConfig, yaml.safe_load((REPO / "recipes/model" / f"{args.model}.yaml").read_text()), "model")
+    cfg = parse(
+        ModelConfig, yaml.safe_load((REPO / "recipes/model" / f"{args.model}.yaml").read_text()), "model"
+    )
     model, tok = build_model(cfg)
     model.eval()
     rng = random.Random(0)
@@ -75,7 +79,9 @@ def main() -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
-        vllm_engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(model.state_dict().items())})
+        vllm_engine.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(model.state_dict().items())}
+        )
         vllm_engine.llm.reset_prefix_cache()
         greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=args.max_tokens)
         stale = max_logprob_gap(vllm_engine.generate(samples[:16], greedy), model)
@@ -85,12 +91,18 @@ def main() -> None:
         vllm_engine.close()
 
     v, h = statistics.median(speeds["vllm"]), statistics.median(speeds["hf"])
-    print(f"model {args.model}: {args.prompts} prompts x n={args.n}, max_tokens {args.max_tokens}, torch threads {torch.get_num_threads()}")
-    print(f"vLLM start            {vllm_engine.start_seconds:6.1f} s   (+{vllm_engine.start_rss_bytes / 2**30:.2f} GiB RSS)")
+    print(
+        f"model {args.model}: {args.prompts} prompts x n={args.n}, max_tokens {args.max_tokens}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"vLLM start            {vllm_engine.start_seconds:6.1f} s   (+{vllm_engine.start_rss_bytes / 2**30:.2f} GiB RSS)"
+    )
     print(f"HF engine start       {hf_engine.start_seconds:6.1f} s")
     print(f"vLLM weight sync      {1000 * statistics.median(syncs):6.0f} ms  (median of {len(syncs)})")
     print(f"rollout tokens/s      vLLM {v:7.0f}   HF {h:7.0f}   vLLM/HF {v / h:.2f}x")
-    print(f"log-prob gap vs HF    reload alone {stale:.1e}   + fused-MoE refresh ({layers} layers) {fixed:.1e}")
+    print(
+        f"log-prob gap vs HF    reload alone {stale:.1e}   + fused-MoE refresh ({layers} layers) {fixed:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def list_recipes() -> dict[str, str]:
     out = {}
     for path in sorted(recipes_dir().glob("*.yaml")):
         data = yaml.safe_load(path.read_text()) or {}
-        out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+        out[path.stem] = (
+            str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+        )
     return out
 
 
@@ -65,7 +67,9 @@ def compose(recipe: str, overrides: list[str]) -> Recipe:
 
             close = difflib.get_close_matches(recipe, list(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown recipe '{recipe}'{hint}; available: {', '.join(known)} — or pass a path to a .yaml file")
+            raise ConfigError(
+                f"unknown recipe '{recipe}'{hint}; available: {', '.join(known)} — or pass a path to a .yaml file"
+            )
         config_dir, name, extra = shipped, recipe, []
 
     groups = _groups(shipped) | _groups(config_dir)
@@ -149,7 +153,9 @@ def cmd_validate(args: argparse.Namespace, argv: list[str]) -> int:
     check_recipe(recipe)  # the expert-parallel layout against ranks and experts
     check_plugins(recipe)  # reward names, their extras and kwargs; data filter names
     print(yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip())
-    print(f"recipe '{recipe_name}' is valid: {len(recipe.stages)} stage(s): {', '.join(f'{n} ({s.type})' for n, s in recipe.stages.items())}")
+    print(
+        f"recipe '{recipe_name}' is valid: {len(recipe.stages)} stage(s): {', '.join(f'{n} ({s.type})' for n, s in recipe.stages.items())}"
+    )
     return 0
 
 
@@ -162,7 +168,9 @@ def cmd_recipes(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posttrain", description="Llama 4-style post-training: SFT, online RL, DPO, codistillation.")
+    parser = argparse.ArgumentParser(
+        prog="posttrain", description="Llama 4-style post-training: SFT, online RL, DPO, codistillation."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in [
         ("run", cmd_run, "run (or resume) a recipe: posttrain run recipe=NAME [key=value …]"),

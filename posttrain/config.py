@@ -61,7 +61,11 @@ def parse(cls: type[T], data: Any, path: str) -> T:
             value = _deep_merge(to_dict(base), value)
         kwargs[key] = _coerce(hints[key], value, _join(path, key))
     for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if (
+            name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             raise ConfigError(f"missing required key '{_join(path, name)}'")
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
@@ -218,7 +222,9 @@ class ModelConfig:
 
     def check(self, path: str) -> None:
         if self.name_or_path is None and self.arch is None:
-            raise ConfigError(f"'{path}' needs either name_or_path (an HF model dir or hub id) or arch + config")
+            raise ConfigError(
+                f"'{path}' needs either name_or_path (an HF model dir or hub id) or arch + config"
+            )
 
 
 @dataclass(frozen=True)
@@ -290,7 +296,9 @@ class RewardSpec:
 
     name: str
     weight: float = 1.0
-    timeout_s: float | None = None  # per batch call; None: the reward's own default, else 30 s (<= 0: no limit)
+    timeout_s: float | None = (
+        None  # per batch call; None: the reward's own default, else 30 s (<= 0: no limit)
+    )
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward function
 
 
@@ -339,7 +347,9 @@ class EngineConfig:
     """The rollout engine. vLLM is the default; ``hf`` (transformers ``generate``) is opt-in only."""
 
     kind: Literal["vllm", "hf"] = "vllm"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, checkpoint's on GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # auto: float32 on CPU, checkpoint's on GPU
+    )
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enforce_eager: bool = True  # no torch.compile / CUDA graphs (fast start; the only mode tested on CPU)
     gpu_memory_utilization: float = 0.3  # GPU: share of GPU memory for vLLM when colocated with training
@@ -350,7 +360,9 @@ class EngineConfig:
 
     def check(self, path: str) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"'{path}.gpu_memory_utilization' must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ConfigError(
+                f"'{path}.gpu_memory_utilization' must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if self.kv_cache_space_gib < 1:
             raise ConfigError(f"'{path}.kv_cache_space_gib' must be >= 1, got {self.kv_cache_space_gib}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -372,7 +384,9 @@ class CodistillConfig:
     dir is missing and ``teacher`` is set). λ_t: see ``posttrain.losses.codistill_loss``.
     """
 
-    teacher: ModelConfig | None = None  # a trained teacher: name_or_path (+ tokenizer: null), or arch + config
+    teacher: ModelConfig | None = (
+        None  # a trained teacher: name_or_path (+ tokenizer: null), or arch + config
+    )
     targets: str | None = None  # offline top-k targets dir (Arrow); when set, training reads these
     modes: tuple[Literal["fixed", "schedule", "teacher_confidence", "teacher_entropy"], ...] = ("fixed",)
     lambda0: float = 0.5  # λ for "fixed", or the schedule's start; scales the per-token modes
@@ -385,7 +399,9 @@ class CodistillConfig:
 
     def check(self, path: str) -> None:
         if self.teacher is None and self.targets is None:
-            raise ConfigError(f"'{path}' needs 'teacher' (online targets) or 'targets' (an offline targets dir)")
+            raise ConfigError(
+                f"'{path}' needs 'teacher' (online targets) or 'targets' (an offline targets dir)"
+            )
         if not self.modes or len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"'{path}.modes' must list each mode at most once, got {list(self.modes)}")
         if "fixed" in self.modes and "schedule" in self.modes:
@@ -398,7 +414,9 @@ class CodistillConfig:
         if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
             raise ConfigError(f"'{path}.jsd_beta' must be in (0, 1) (0 is forward_kl, 1 is reverse_kl)")
         if self.top_k < 0 or (self.targets is not None and self.teacher is not None and self.top_k < 1):
-            raise ConfigError(f"'{path}.top_k' must be >= 1 to write offline targets (0 = full logits, online only)")
+            raise ConfigError(
+                f"'{path}.top_k' must be >= 1 to write offline targets (0 = full logits, online only)"
+            )
 
 
 @dataclass(frozen=True)
@@ -421,7 +439,9 @@ class SFTConfig:
     codistill: CodistillConfig | None = None  # set: the loss becomes codistill_loss against this teacher
 
     def check(self, path: str) -> None:
-        if self.codistill is not None and (self.codistill.targets is not None or self.codistill.teacher is None):
+        if self.codistill is not None and (
+            self.codistill.targets is not None or self.codistill.teacher is None
+        ):
             raise ConfigError(
                 f"'{path}.codistill': sft codistills from an online teacher; set 'teacher' and drop 'targets' "
                 "(offline targets are read by a stage of type distill)"
@@ -473,9 +493,13 @@ class CurriculumConfig:
     def check(self, path: str) -> None:
         for name, band in (("band", self.band), ("band_final", self.band_final)):
             if band is not None and not (len(band) == 2 and 0.0 <= band[0] <= band[1] <= 1.0):
-                raise ConfigError(f"'{path}.{name}' must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(band)}")
+                raise ConfigError(
+                    f"'{path}.{name}' must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(band)}"
+                )
         if not 1 <= self.pass_k <= self.filter_samples:
-            raise ConfigError(f"'{path}.pass_k' must be in [1, filter_samples={self.filter_samples}], got {self.pass_k}")
+            raise ConfigError(
+                f"'{path}.pass_k' must be in [1, filter_samples={self.filter_samples}], got {self.pass_k}"
+            )
         for name in ("pool_size", "filter_samples", "retire_after", "backlog_recheck_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{path}.{name}' must be >= 1, got {getattr(self, name)}")
@@ -511,13 +535,17 @@ class RLConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: RLLossConfig = field(default_factory=RLLossConfig)
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=10, schedule="constant")
+        default_factory=lambda: OptimConfig(
+            lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=10, schedule="constant"
+        )
     )
     max_steps: int = 300  # policy updates
     prompts_per_step: int = 16  # informative groups per update
     filter_zero_advantage: bool = True  # drop groups whose rewards are all equal, and refill
     max_gen_batches: int = 4  # generation rounds per step before training on what there is
-    capability_weights: dict[str, float] = field(default_factory=dict)  # default: data.tasks weights, else equal
+    capability_weights: dict[str, float] = field(
+        default_factory=dict
+    )  # default: data.tasks weights, else equal
     pass_threshold: float = 1.0  # a completion "passes" (pass@k, filter passes) when its reward >= this
     # Optimizer updates per step: the step's sequences split into this many mini-batches, one update
     # each (PPO-style reuse of the rollouts; the later updates are off-policy and the clip bounds them).
@@ -535,12 +563,22 @@ class RLConfig:
         if self.prompts_per_step < 1 or self.max_gen_batches < 1 or self.max_steps < 0:
             raise ConfigError(f"'{path}': prompts_per_step and max_gen_batches must be >= 1, max_steps >= 0")
         if self.sampling.n < 2:
-            raise ConfigError(f"'{path}.sampling.n' must be >= 2 (group-relative advantages need a group), got {self.sampling.n}")
+            raise ConfigError(
+                f"'{path}.sampling.n' must be >= 2 (group-relative advantages need a group), got {self.sampling.n}"
+            )
         if self.micro_batch_size < 1 or self.minibatches < 1:
             raise ConfigError(f"'{path}': micro_batch_size and minibatches must be >= 1")
         loss = self.loss
-        if loss.clip_low < 0 or loss.clip_high < 0 or loss.adv_eps <= 0 or loss.kl_coef < 0 or loss.entropy_coef < 0:
-            raise ConfigError(f"'{path}.loss': clip_low, clip_high, kl_coef, entropy_coef must be >= 0 and adv_eps > 0")
+        if (
+            loss.clip_low < 0
+            or loss.clip_high < 0
+            or loss.adv_eps <= 0
+            or loss.kl_coef < 0
+            or loss.entropy_coef < 0
+        ):
+            raise ConfigError(
+                f"'{path}.loss': clip_low, clip_high, kl_coef, entropy_coef must be >= 0 and adv_eps > 0"
+            )
         if self.curriculum.refilter_every < 0:
             raise ConfigError(f"'{path}.curriculum.refilter_every' must be >= 0 (0: no filter passes)")
 

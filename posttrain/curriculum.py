@@ -167,7 +167,11 @@ class PromptPool:
         """Prompts the next filter pass should sample: new, active, easy, and the backlog when due."""
         due = self.uids("new", "active", "easy")
         every = self.settings.backlog_recheck_every
-        due += [u for u in self.uids("backlog") if (self.passes + 1 - self.stats[u].backlog_since_pass) % every == 0]
+        due += [
+            u
+            for u in self.uids("backlog")
+            if (self.passes + 1 - self.stats[u].backlog_since_pass) % every == 0
+        ]
         return due
 
     def _record(self, st: PromptStats, n: int, c: int) -> None:
@@ -191,7 +195,9 @@ class PromptPool:
         if st.status in TRAINABLE and st.solved_streak >= self.settings.retire_after:
             st.status = "retired"
 
-    def filter_pass(self, results: Mapping[str, tuple[int, int]], step: int, k: int | None = None) -> FilterReport:
+    def filter_pass(
+        self, results: Mapping[str, tuple[int, int]], step: int, k: int | None = None
+    ) -> FilterReport:
         """Apply one filter pass: ``results[uid] = (n, c)`` from the current policy, at training ``step``.
 
         Status rule for each checked prompt, with rate = c / n and the band [lo, hi] at ``step``:
@@ -232,7 +238,9 @@ class PromptPool:
             for name, nc in [("all", all_nc), *sorted(per_cap.items())]:
                 prefix = "" if name == "all" else f"{name}/"
                 report.pass_at[f"{prefix}pass@1"] = sum(pass_at_k(n, c, 1) for n, c in nc) / len(nc)
-                report.pass_at[f"{prefix}pass@{kk}"] = sum(pass_at_k(n, c, min(kk, n)) for n, c in nc) / len(nc)
+                report.pass_at[f"{prefix}pass@{kk}"] = sum(pass_at_k(n, c, min(kk, n)) for n, c in nc) / len(
+                    nc
+                )
         self.refill()
         return report
 
@@ -242,7 +250,9 @@ class PromptPool:
         """Counts per status and per capability, the band, and a histogram of known pass rates of
         the trainable prompts (``pool/rate_hist/<lo>-<hi>``; unknown rates go to ``.../unknown``)."""
         counts = Counter(st.status for st in self.stats.values())
-        out: dict[str, float] = {f"pool/{s}": float(counts.get(s, 0)) for s in ("new", "active", "easy", "backlog", "retired")}
+        out: dict[str, float] = {
+            f"pool/{s}": float(counts.get(s, 0)) for s in ("new", "active", "easy", "backlog", "retired")
+        }
         out["pool/trainable"] = out["pool/new"] + out["pool/active"]
         out["pool/drawn"] = float(self._cursor)
         out["pool/unused"] = float(len(self._order) - self._cursor)
@@ -313,15 +323,21 @@ class StratifiedSampler:
     replacement. Unlisted capabilities get weight ``default_weight``.
     """
 
-    def __init__(self, weights: Mapping[str, float] | None = None, seed: int = 0, default_weight: float = 1.0):
+    def __init__(
+        self, weights: Mapping[str, float] | None = None, seed: int = 0, default_weight: float = 1.0
+    ):
         self.weights = dict(weights or {})
         if any(w < 0 or not math.isfinite(w) for w in self.weights.values()):
-            raise ValueError(f"StratifiedSampler: capability weights must be finite and >= 0, got {self.weights}")
+            raise ValueError(
+                f"StratifiedSampler: capability weights must be finite and >= 0, got {self.weights}"
+            )
         self.default_weight = default_weight
         self.rng = random.Random(f"sampler:{seed}")
 
     def quotas(self, available: Mapping[str, int], size: int) -> dict[str, int]:
-        caps = sorted(c for c, n in available.items() if n > 0 and self.weights.get(c, self.default_weight) > 0)
+        caps = sorted(
+            c for c, n in available.items() if n > 0 and self.weights.get(c, self.default_weight) > 0
+        )
         quota = dict.fromkeys(caps, 0)
         remaining = min(size, sum(available[c] for c in caps))
         while remaining > 0:
@@ -338,7 +354,9 @@ class StratifiedSampler:
                 remaining -= a
         return quota
 
-    def sample(self, by_capability: Mapping[str, Sequence[str]], size: int, exclude: Iterable[str] = ()) -> list[str]:
+    def sample(
+        self, by_capability: Mapping[str, Sequence[str]], size: int, exclude: Iterable[str] = ()
+    ) -> list[str]:
         """Up to ``size`` distinct uids from ``by_capability`` (capability -> uids), none of ``exclude``."""
         skip = set(exclude)
         pools = {c: sorted(u for u in uids if u not in skip) for c, uids in by_capability.items()}

@@ -73,12 +73,16 @@ def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
     suffix = path.suffix.lower()
     if suffix in FILE_FORMATS or path.exists():
         if not path.exists():
-            raise DataError(f"{source}: dataset file not found; check data.source (relative paths are from the working dir)")
+            raise DataError(
+                f"{source}: dataset file not found; check data.source (relative paths are from the working dir)"
+            )
         if path.is_dir():
             return datasets.load_from_disk(str(path)), source
         if suffix == ".jsonl":
             _check_jsonl(path)
-        return datasets.load_dataset(FILE_FORMATS.get(suffix, "json"), data_files=str(path), split="train"), source
+        return datasets.load_dataset(
+            FILE_FORMATS.get(suffix, "json"), data_files=str(path), split="train"
+        ), source
     try:
         return datasets.load_dataset(source, split=split), source
     except Exception as e:  # the hub's many failure types (not found, offline, bad split) become one line
@@ -98,7 +102,9 @@ def _check_jsonl(path: Path) -> None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {i} is not valid JSON ({e.msg} at column {e.colno}); fix or remove that line") from None
+                raise DataError(
+                    f"{path}: row {i} is not valid JSON ({e.msg} at column {e.colno}); fix or remove that line"
+                ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: row {i} is a {type(row).__name__}, expected a JSON object")
 
@@ -109,7 +115,11 @@ def _check_jsonl(path: Path) -> None:
 
 def prompt_text(tokenizer: Any, prompt: str) -> str:
     """The chat-formatted prompt, ending with the assistant turn's opening."""
-    return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True))
+    return str(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    )
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -148,7 +158,9 @@ def tokenize_sft(ds: datasets.Dataset, tokenizer: Any, max_len: int, where: str 
 # batching
 
 
-def length_grouped_batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> list[list[int]]:
+def length_grouped_batches(
+    examples: Sequence[Example], batch_size: int, rng: random.Random
+) -> list[list[int]]:
     """Index batches of similar lengths (little padding), in random order. Deterministic given ``rng``."""
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -224,12 +236,22 @@ def random_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int
 
 
 def epoch_batches(
-    examples: Sequence[Example], batch_size: int, seed: int, epoch: int, pack: bool, seq_len: int, group_by_length: bool = False
+    examples: Sequence[Example],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    pack: bool,
+    seq_len: int,
+    group_by_length: bool = False,
 ) -> list[list[list[int]]]:
     """The epoch's micro-batches as lists of rows of example indices (a row is one example unless packing)."""
     rng = random.Random(f"{seed}:{epoch}")
     if not pack:
-        batches = length_grouped_batches(examples, batch_size, rng) if group_by_length else random_batches(len(examples), batch_size, rng)
+        batches = (
+            length_grouped_batches(examples, batch_size, rng)
+            if group_by_length
+            else random_batches(len(examples), batch_size, rng)
+        )
         return [[[i] for i in b] for b in batches]
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -238,14 +260,22 @@ def epoch_batches(
 
 
 def iterate_forever(
-    examples: Sequence[Example], batch_size: int, seed: int, pack: bool, seq_len: int, start: int = 0, group_by_length: bool = False
+    examples: Sequence[Example],
+    batch_size: int,
+    seed: int,
+    pack: bool,
+    seq_len: int,
+    start: int = 0,
+    group_by_length: bool = False,
 ) -> Iterator[list[list[int]]]:
     """Micro-batches across epochs, starting at global micro-batch index ``start`` (for resume)."""
     epoch, skip = 0, start
     while True:
         batches = epoch_batches(examples, batch_size, seed, epoch, pack, seq_len, group_by_length)
         if not batches:
-            raise DataError(f"fewer examples ({len(examples)}) than one micro-batch ({batch_size}); lower micro_batch_size")
+            raise DataError(
+                f"fewer examples ({len(examples)}) than one micro-batch ({batch_size}); lower micro_batch_size"
+            )
         if skip >= len(batches):
             skip -= len(batches)
             epoch += 1

@@ -19,7 +19,13 @@ from posttrain.registry import REWARDS
 
 @torch.no_grad()
 def generate(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, seed: int
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
 ) -> list[str]:
     """Completions (special tokens removed) for chat ``prompts``; temperature 0 is greedy."""
     was_training = model.training
@@ -30,7 +36,11 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         texts = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         if temperature > 0:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
@@ -42,7 +52,9 @@ def generate(
     return out
 
 
-def evaluate(model: Any, tokenizer: Any, ds: datasets.Dataset, cfg: EvalConfig, seed: int = 0) -> dict[str, float]:
+def evaluate(
+    model: Any, tokenizer: Any, ds: datasets.Dataset, cfg: EvalConfig, seed: int = 0
+) -> dict[str, float]:
     """{"greedy_pass@1": …, "sampled_pass@1": …, "<capability>/greedy_pass@1": …, …} on ``ds``."""
     score = REWARDS.get(cfg.reward)
     prompts = [str(p) for p in ds["prompt"]]
@@ -51,7 +63,9 @@ def evaluate(model: Any, tokenizer: Any, ds: datasets.Dataset, cfg: EvalConfig, 
     modes = {"greedy": 0.0, **({"sampled": 1.0} if cfg.sampled else {})}
     results: dict[str, float] = {}
     for mode, temperature in modes.items():
-        completions = generate(model, tokenizer, prompts, cfg.max_new_tokens, temperature, cfg.batch_size, seed)
+        completions = generate(
+            model, tokenizer, prompts, cfg.max_new_tokens, temperature, cfg.batch_size, seed
+        )
         rewards = score(prompts, completions, **columns)
         per_cap: dict[str, list[float]] = defaultdict(list)
         for cap, r in zip(caps, rewards, strict=True):

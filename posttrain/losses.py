@@ -141,9 +141,13 @@ def grpo_loss(
     per_token, metrics = policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high)
     count = mask.sum().clamp_min(1)
     if kl_coef > 0 and ref_logprobs is None:
-        raise ValueError("grpo_loss: kl_coef > 0 needs ref_logprobs (log-probs of the frozen reference model)")
+        raise ValueError(
+            "grpo_loss: kl_coef > 0 needs ref_logprobs (log-probs of the frozen reference model)"
+        )
     if entropy_coef > 0 and entropy is None:
-        raise ValueError("grpo_loss: entropy_coef > 0 needs entropy (entropy_from_logits of the policy logits)")
+        raise ValueError(
+            "grpo_loss: entropy_coef > 0 needs entropy (entropy_from_logits of the policy logits)"
+        )
     if ref_logprobs is not None:
         kl, kl_metrics = kl_k3(logprobs, ref_logprobs, mask)
         metrics["kl_mean"] = kl_metrics["kl_mean"]

@@ -72,10 +72,14 @@ def check_model_path(source: str, key: str) -> None:
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"{key}: '{source}' has no config.json; point it at a saved HF model dir (save_pretrained)")
+            raise ConfigError(
+                f"{key}: '{source}' has no config.json; point it at a saved HF model dir (save_pretrained)"
+            )
         return
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ConfigError(f"{key}: model dir '{source}' does not exist; point it at a saved HF model dir (save_pretrained)")
+        raise ConfigError(
+            f"{key}: model dir '{source}' does not exist; point it at a saved HF model dir (save_pretrained)"
+        )
     try:
         AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -123,7 +127,9 @@ def load_model(path: str, dtype: str = "float32", key: str = "checkpoint") -> Pr
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
 
 
-def load_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_checkpoint(
+    path: str | Path, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A stage's exported checkpoint (model + tokenizer in one HF dir)."""
     path = str(path)
     return load_model(path, dtype), AutoTokenizer.from_pretrained(path)

@@ -117,7 +117,9 @@ def check_run_dir(recipe: Recipe) -> None:
     """Refuse to clobber a finished run, or resume a run of a different recipe, unless run.overwrite."""
     why = _conflict(recipe)
     if why and not recipe.run.overwrite:
-        raise PipelineError(f"{run_dir(recipe)} {why}; pass run.overwrite=true to replace it, or choose another run.name=…")
+        raise PipelineError(
+            f"{run_dir(recipe)} {why}; pass run.overwrite=true to replace it, or choose another run.name=…"
+        )
 
 
 def prepare_run_dir(recipe: Recipe, is_main: bool) -> Path:
@@ -171,7 +173,9 @@ def preflight(recipe: Recipe) -> None:
     ]
     for key, data in sources:
         if data.source != "tiny":
-            required = ["prompt"] + (["completion|answer"] if key.endswith(".data") and key != "eval.data" else [])
+            required = ["prompt"] + (
+                ["completion|answer"] if key.endswith(".data") and key != "eval.data" else []
+            )
             check_source(data, key, required)
 
 
@@ -204,12 +208,17 @@ def run_pipeline(recipe: Recipe) -> dict[str, dict[str, float]]:
                 (sd / "DONE").write_text(json.dumps({"finished": time.time()}))
             strategy_probe.barrier()
         elif is_main:
-            print(f"[posttrain] stage {i + 1}/{len(recipe.stages)}: {name} already finished, skipped", flush=True)
+            print(
+                f"[posttrain] stage {i + 1}/{len(recipe.stages)}: {name} already finished, skipped",
+                flush=True,
+            )
         results[name] = json.loads((sd / "eval.json").read_text())
         input_dir = sd / "checkpoint"
 
     if is_main:
-        (rd / "DONE").write_text(json.dumps({"finished": time.time(), "seconds": round(time.time() - started, 1)}))
+        (rd / "DONE").write_text(
+            json.dumps({"finished": time.time(), "seconds": round(time.time() - started, 1)})
+        )
         shutil.rmtree(rd.with_name(rd.name + ".previous"), ignore_errors=True)
         print(format_table(results, recipe), flush=True)
     strategy_probe.barrier()
@@ -218,7 +227,14 @@ def run_pipeline(recipe: Recipe) -> dict[str, dict[str, float]]:
 
 def _train_stage(recipe: Recipe, name: str, cfg: Any, sd: Path, input_dir: Path | None) -> None:
     strategy = Strategy(recipe.deepspeed, recipe.parallel, recipe.run.seed)
-    tracker = Tracker(recipe.tracking, sd, recipe.run.name, name, {"recipe": to_dict(recipe), "stage": name}, enabled=strategy.is_main)
+    tracker = Tracker(
+        recipe.tracking,
+        sd,
+        recipe.run.name,
+        name,
+        {"recipe": to_dict(recipe), "stage": name},
+        enabled=strategy.is_main,
+    )
     ctx = StageContext(recipe, name, cfg, sd, input_dir, strategy, tracker, seed=recipe.run.seed)
     try:
         _runner(cfg.type)(ctx)
@@ -250,7 +266,11 @@ def format_table(results: dict[str, dict[str, float]], recipe: Recipe) -> str:
     """Held-out accuracy per stage: overall and per capability, greedy and sampled pass@1."""
     caps = sorted({k.split("/")[0] for r in results.values() for k in r if "/" in k})
     modes = ["greedy", "sampled"] if recipe.eval.sampled else ["greedy"]
-    header = ["stage", "type"] + [f"{m} pass@1" for m in modes] + [f"{c} ({'/'.join(m[0] for m in modes)})" for c in caps]
+    header = (
+        ["stage", "type"]
+        + [f"{m} pass@1" for m in modes]
+        + [f"{c} ({'/'.join(m[0] for m in modes)})" for c in caps]
+    )
     rows = []
     for name, r in results.items():
         kind = "-" if name == "base" else recipe.stages[name].type

@@ -28,7 +28,9 @@ class RegistryError(UserError, KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = ()):
+    def __init__(
+        self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = ()
+    ):
         self.kind = kind
         self.group = entry_point_group
         self._builtin_modules = builtin_modules
@@ -99,4 +101,6 @@ def _import_path(path: str, kind: str) -> Any:
 # The registries the project uses. Built-in plugins live in the top-level `rewards` and
 # `data_filters` packages, imported on first lookup.
 REWARDS: Registry[Callable[..., Any]] = Registry("reward", "posttrain.rewards", ("rewards",))
-DATA_FILTERS: Registry[Callable[..., Any]] = Registry("data filter", "posttrain.data_filters", ("data_filters",))
+DATA_FILTERS: Registry[Callable[..., Any]] = Registry(
+    "data filter", "posttrain.data_filters", ("data_filters",)
+)

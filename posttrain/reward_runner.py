@@ -104,7 +104,9 @@ def bind_rewards(cfg: RewardsConfig) -> list[_Bound]:
     for spec in cfg.specs:
         fn = REWARDS.get(spec.name)
         if not callable(fn):
-            raise RegistryError(f"reward {spec.name!r} resolved to {fn!r}, which is not callable; name a function")
+            raise RegistryError(
+                f"reward {spec.name!r} resolved to {fn!r}, which is not callable; name a function"
+            )
         base = spec.name.rsplit(":", 1)[-1]
         seen[base] = seen.get(base, 0) + 1
         label = base if seen[base] == 1 else f"{base}_{seen[base]}"

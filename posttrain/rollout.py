@@ -81,7 +81,9 @@ class GenerateStats:
 
     prompts: int = 0  # prompts asked for
     skipped_overlong: int = 0  # prompts with no room left in the context (no group returned)
-    skipped_uids: list[str] = field(default_factory=list)  # their Sample.uid (or prompt text when uid is empty)
+    skipped_uids: list[str] = field(
+        default_factory=list
+    )  # their Sample.uid (or prompt text when uid is empty)
     completions: int = 0
     empty: int = 0  # completions whose text is empty (EOS straight away)
     truncated: int = 0  # completions that hit max_tokens (finish_reason "length")
@@ -340,7 +342,11 @@ class _RotaryReloadNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        quiet = record.msg == "%s: Failed to load weights" and bool(args) and str(args[0]).endswith("RotaryEmbedding")
+        quiet = (
+            record.msg == "%s: Failed to load weights"
+            and bool(args)
+            and str(args[0]).endswith("RotaryEmbedding")
+        )
         return not quiet
 
 
@@ -373,7 +379,9 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.on_cpu = bool(current_platform.is_cpu())
         self._owns_work_dir = work_dir is None
-        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="posttrain-vllm-"))
+        self.work_dir = (
+            Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="posttrain-vllm-"))
+        )
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # vLLM detokenises with the tokenizer the loop encodes with, whatever model_dir holds; it also
         # reads a model config next to the tokenizer (and retries, logging errors, when there is none).
@@ -409,7 +417,9 @@ class VLLMEngine:
         kwargs.update(self.cfg.extra)
 
         # vLLM joins a process group that training already started (and must not end it on close).
-        self._training_owns_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._training_owns_process_group = (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        )
         rss0, t0 = _rss_bytes(), time.perf_counter()
         disable_envs_cache()  # vLLM caches its env vars process-wide after a start; read ours afresh
         with _patched_env(env), _tempdir(self.work_dir), _preserved_rng(), _kept_torch_threads():
@@ -466,7 +476,9 @@ class VLLMEngine:
         prompts = _encode_all(samples, self.tokenizer, self.max_model_len, params.max_tokens, stats)
         seeds = _request_seeds(params.seed, len(prompts), params.n, self._fresh)
         requests = [{"prompt_token_ids": p.ids} for p in prompts]
-        sampling = [self._sampling_params(params, p.max_tokens, s) for p, s in zip(prompts, seeds, strict=True)]
+        sampling = [
+            self._sampling_params(params, p.max_tokens, s) for p, s in zip(prompts, seeds, strict=True)
+        ]
         outputs = []
         if requests:
             # vLLM's CPU sampler draws from the global RNG even for seeded requests: keep training's intact
@@ -479,7 +491,9 @@ class VLLMEngine:
                 token_ids = list(o.token_ids)
                 logprobs = [float(lp[t].logprob) for t, lp in zip(token_ids, o.logprobs or [], strict=True)]
                 finish = "length" if o.finish_reason == "length" else "stop"
-                completions.append(Completion(text=o.text, token_ids=token_ids, logprobs=logprobs, finish_reason=finish))
+                completions.append(
+                    Completion(text=o.text, token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
+                )
             groups.append(RolloutGroup(sample=p.sample, prompt_ids=p.ids, completions=completions))
         _count(stats, groups)
         stats.seconds = time.perf_counter() - t0
@@ -533,11 +547,15 @@ class VLLMEngine:
 class HFEngine:
     """transformers ``generate`` on a private copy of the model; the same records as ``VLLMEngine``."""
 
-    def __init__(self, model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: EngineConfig | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: EngineConfig | None = None
+    ) -> None:
         self.cfg = cfg or EngineConfig(kind="hf")
         self.tokenizer = tokenizer
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = TORCH_DTYPES.get(self.cfg.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        dtype = TORCH_DTYPES.get(
+            self.cfg.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        )
         t0 = time.perf_counter()
         model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         self.model: Any = model.to(self.device).eval()
@@ -560,7 +578,9 @@ class HFEngine:
             for start in range(0, len(rows), self.cfg.hf_batch_size):
                 completions += self._generate_rows(rows[start : start + self.cfg.hf_batch_size], params)
         groups = [
-            RolloutGroup(sample=p.sample, prompt_ids=p.ids, completions=completions[i * params.n : (i + 1) * params.n])
+            RolloutGroup(
+                sample=p.sample, prompt_ids=p.ids, completions=completions[i * params.n : (i + 1) * params.n]
+            )
             for i, p in enumerate(prompts)
         ]
         _count(stats, groups)
@@ -572,8 +592,12 @@ class HFEngine:
         tok = self.tokenizer
         width = max(len(r.ids) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=self.device)  # [B, T_p]
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device)  # [B, T_p]
+        input_ids = torch.tensor(
+            [[pad] * (width - len(r.ids)) + r.ids for r in rows], device=self.device
+        )  # [B, T_p]
+        mask = torch.tensor(
+            [[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device
+        )  # [B, T_p]
         sampling: dict[str, Any] = (
             dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
             if params.temperature > 0
@@ -592,9 +616,14 @@ class HFEngine:
         new = out.sequences[:, width:]  # [B, S]
         logits = torch.stack(out.logits, dim=1)  # [B, S, V]
         logprobs = _raw_token_logprobs(logits, new).tolist()  # [B, S]
-        return [self._completion(new[i].tolist(), logprobs[i], rows[i].max_tokens, params.stop) for i in range(len(rows))]
+        return [
+            self._completion(new[i].tolist(), logprobs[i], rows[i].max_tokens, params.stop)
+            for i in range(len(rows))
+        ]
 
-    def _completion(self, ids: list[int], logprobs: list[float], max_tokens: int, stop: Sequence[str]) -> Completion:
+    def _completion(
+        self, ids: list[int], logprobs: list[float], max_tokens: int, stop: Sequence[str]
+    ) -> Completion:
         """Cut one generated row at EOS (kept), then at the first stop string (text cut before it)."""
         eos = self.tokenizer.eos_token_id
         finish = "length"

@@ -100,7 +100,9 @@ def resolve_isolation(isolation: Isolation) -> Literal["namespaces", "audit"]:
     if sys.platform.startswith("linux") and os.geteuid() == 0 and _namespaces_work():
         return "namespaces"
     if os.geteuid() != 0:
-        _warn_once("sandbox: namespaces isolation needs root; running untrusted code in the weaker 'audit' mode")
+        _warn_once(
+            "sandbox: namespaces isolation needs root; running untrusted code in the weaker 'audit' mode"
+        )
     return "audit"
 
 

@@ -325,27 +325,98 @@ def _install_audit_hook(cfg: dict) -> None:
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _NR = {
     "x86_64": {
-        "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "clone3": 435, "socket": 41,
-        "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
-        "pidfd_send_signal": 424, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
-        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
-        "fsopen": 430, "fsmount": 432, "move_mount": 429, "open_tree": 428, "reboot": 169,
-        "kexec_load": 246, "kexec_file_load": 320, "init_module": 175, "finit_module": 313,
-        "delete_module": 176, "io_uring_setup": 425, "bpf": 321, "perf_event_open": 298, "keyctl": 250,
-        "add_key": 248, "request_key": 249, "swapon": 167, "swapoff": 168, "sethostname": 170,
-        "setdomainname": 171, "settimeofday": 164, "clock_settime": 227, "adjtimex": 159, "iopl": 172,
+        "clone": 56,
+        "fork": 57,
+        "vfork": 58,
+        "execve": 59,
+        "execveat": 322,
+        "clone3": 435,
+        "socket": 41,
+        "kill": 62,
+        "tkill": 200,
+        "tgkill": 234,
+        "rt_sigqueueinfo": 129,
+        "rt_tgsigqueueinfo": 297,
+        "pidfd_send_signal": 424,
+        "ptrace": 101,
+        "process_vm_readv": 310,
+        "process_vm_writev": 311,
+        "mount": 165,
+        "umount2": 166,
+        "pivot_root": 155,
+        "chroot": 161,
+        "unshare": 272,
+        "setns": 308,
+        "fsopen": 430,
+        "fsmount": 432,
+        "move_mount": 429,
+        "open_tree": 428,
+        "reboot": 169,
+        "kexec_load": 246,
+        "kexec_file_load": 320,
+        "init_module": 175,
+        "finit_module": 313,
+        "delete_module": 176,
+        "io_uring_setup": 425,
+        "bpf": 321,
+        "perf_event_open": 298,
+        "keyctl": 250,
+        "add_key": 248,
+        "request_key": 249,
+        "swapon": 167,
+        "swapoff": 168,
+        "sethostname": 170,
+        "setdomainname": 171,
+        "settimeofday": 164,
+        "clock_settime": 227,
+        "adjtimex": 159,
+        "iopl": 172,
         "ioperm": 173,
     },
     "aarch64": {
-        "clone": 220, "execve": 221, "execveat": 281, "clone3": 435, "socket": 198, "kill": 129,
-        "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
-        "pidfd_send_signal": 424, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
-        "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268,
-        "fsopen": 430, "fsmount": 432, "move_mount": 429, "open_tree": 428, "reboot": 142,
-        "kexec_load": 104, "kexec_file_load": 294, "init_module": 105, "finit_module": 273,
-        "delete_module": 106, "io_uring_setup": 425, "bpf": 280, "perf_event_open": 241, "keyctl": 219,
-        "add_key": 217, "request_key": 218, "swapon": 224, "swapoff": 225, "sethostname": 161,
-        "setdomainname": 162, "settimeofday": 170, "clock_settime": 112, "adjtimex": 171,
+        "clone": 220,
+        "execve": 221,
+        "execveat": 281,
+        "clone3": 435,
+        "socket": 198,
+        "kill": 129,
+        "tkill": 130,
+        "tgkill": 131,
+        "rt_sigqueueinfo": 138,
+        "rt_tgsigqueueinfo": 240,
+        "pidfd_send_signal": 424,
+        "ptrace": 117,
+        "process_vm_readv": 270,
+        "process_vm_writev": 271,
+        "mount": 40,
+        "umount2": 39,
+        "pivot_root": 41,
+        "chroot": 51,
+        "unshare": 97,
+        "setns": 268,
+        "fsopen": 430,
+        "fsmount": 432,
+        "move_mount": 429,
+        "open_tree": 428,
+        "reboot": 142,
+        "kexec_load": 104,
+        "kexec_file_load": 294,
+        "init_module": 105,
+        "finit_module": 273,
+        "delete_module": 106,
+        "io_uring_setup": 425,
+        "bpf": 280,
+        "perf_event_open": 241,
+        "keyctl": 219,
+        "add_key": 217,
+        "request_key": 218,
+        "swapon": 224,
+        "swapoff": 225,
+        "sethostname": 161,
+        "setdomainname": 162,
+        "settimeofday": 170,
+        "clock_settime": 112,
+        "adjtimex": 171,
     },
 }
 _SIGNAL_SELF_ONLY = ("kill", "tkill", "tgkill")  # allowed when the first argument is this process
@@ -359,7 +430,12 @@ EPERM, ENOSYS = 1, 38
 
 
 class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+    _fields_ = [
+        ("code", ctypes.c_ushort),
+        ("jt", ctypes.c_ubyte),
+        ("jf", ctypes.c_ubyte),
+        ("k", ctypes.c_uint),
+    ]
 
 
 class _SockFprog(ctypes.Structure):
@@ -370,7 +446,11 @@ def seccomp_program(arch: str, pid: int) -> list[tuple[int, int, int, int]]:
     """The classic-BPF filter as (code, jt, jf, k); seccomp_data: nr at offset 0, arch at 4, args from 16."""
     nr = _NR[arch]
     refuse = _SECCOMP_RET_ERRNO | EPERM
-    prog = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 1, 0, _AUDIT_ARCH[arch]), (_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS)]
+    prog = [
+        (_BPF_LD_W_ABS, 0, 0, 4),
+        (_BPF_JEQ_K, 1, 0, _AUDIT_ARCH[arch]),
+        (_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS),
+    ]
     prog.append((_BPF_LD_W_ABS, 0, 0, 0))
     if arch == "x86_64":
         prog += [(_BPF_JGE_K, 0, 1, _X32_SYSCALL_BIT), (_BPF_RET_K, 0, 0, refuse)]
@@ -394,7 +474,9 @@ def seccomp_program(arch: str, pid: int) -> list[tuple[int, int, int, int]]:
 def _install_seccomp() -> None:
     arch = os.uname().machine
     if arch not in _NR:
-        raise OSError(f"audit isolation needs a seccomp filter, which posttrain has for {', '.join(_NR)}, not {arch}")
+        raise OSError(
+            f"audit isolation needs a seccomp filter, which posttrain has for {', '.join(_NR)}, not {arch}"
+        )
     program = seccomp_program(arch, os.getpid())
     filters = (_SockFilter * len(program))(*(_SockFilter(*ins) for ins in program))
     fprog = _SockFprog(len(program), filters)

@@ -39,15 +39,21 @@ def init_distributed() -> None:
     world = int(os.environ.get("WORLD_SIZE") or 1)
     # DeepSpeed and vLLM read the rank layout from the environment.
     if world == 1:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1")
+        )
         os.environ.setdefault("MASTER_PORT", "0")  # never bound: the store below is in memory
     # DeepSpeed's shared-memory all-reduce op compiles for 75-90 s on first use; gloo is enough here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.distributed.is_initialized():
         if world == 1:
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group above when world == 1
+            torch.distributed.init_process_group(
+                backend, store=torch.distributed.HashStore(), rank=0, world_size=1
+            )
+        deepspeed.init_distributed(
+            dist_backend=backend, verbose=False
+        )  # adopts the group above when world == 1
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):  # type: ignore[no-untyped-def]
@@ -77,7 +83,11 @@ class Strategy:
         self.is_main = self.rank == 0
         self.engine: Any = None
         self.ep: Any = None  # posttrain.moe.ExpertParallel when parallel.ep_size > 1
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
 
     # ---------------------------------------------------------------------------------------------
     # set-up
@@ -95,7 +105,9 @@ class Strategy:
         }
         if self.ds.zero_stage == 3:
             # Small models: gather every parameter at once rather than in many tiny prefetches.
-            cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+            cfg["zero_optimization"].update(
+                stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True
+            )
         cfg.update(self.ds.extra)
         return cfg
 
@@ -129,7 +141,9 @@ class Strategy:
             groups = moe.moe_param_groups(groups)  # expert grads reduce over the expert-data-parallel group
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))  # type: ignore[arg-type]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
         return self.engine
 
     @property
@@ -201,7 +215,9 @@ class Strategy:
         directory = Path(directory)
         step = int(client_state.get("step", 0))
         tag = f"step{step}"
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=dict(client_state), save_latest=False)
+        self.engine.save_checkpoint(
+            str(directory), tag=tag, client_state=dict(client_state), save_latest=False
+        )
         # Each rank's RNG lives in its own small file (the DeepSpeed client state is rank 0's).
         torch.save(_rng_state(), directory / tag / f"rng_rank{self.rank}.pt")
         self.barrier()
@@ -218,7 +234,9 @@ class Strategy:
         directory = Path(directory)
         if not (directory / "latest").exists():
             return None
-        path, client_state = self.engine.load_checkpoint(str(directory), load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, client_state = self.engine.load_checkpoint(
+            str(directory), load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             return None
         tag = (directory / "latest").read_text().strip()

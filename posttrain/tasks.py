@@ -53,9 +53,7 @@ def make_problem(kind: str, level: int, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown tiny task kind {kind!r}; valid: add, mul, reverse, sort")
 
 
-def generate_rows(
-    tasks: Mapping[str, TinyTaskConfig], split: str, n: int, seed: int
-) -> list[dict[str, Any]]:
+def generate_rows(tasks: Mapping[str, TinyTaskConfig], split: str, n: int, seed: int) -> list[dict[str, Any]]:
     """``n`` rows mixed over ``tasks`` by weight (train) or ``n`` distinct rows per task (eval)."""
     if not tasks:
         raise ValueError("data.tasks is empty: a tiny-world data source needs at least one task")

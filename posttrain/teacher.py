@@ -234,7 +234,11 @@ class OfflineTargets:
 
     @classmethod
     def open(
-        cls, path: str | Path, student_tokenizer: Any, student_vocab: int, provenance: dict[str, Any] | None = None
+        cls,
+        path: str | Path,
+        student_tokenizer: Any,
+        student_vocab: int,
+        provenance: dict[str, Any] | None = None,
     ) -> OfflineTargets:
         """Open stored targets; with ``provenance``, refuse targets written for anything else."""
         p = Path(path)
@@ -339,7 +343,9 @@ def stage_provenance(cfg: Any, seed: int) -> dict[str, Any]:
     }
 
 
-def write_stage_targets(recipe: Any, stage: str, student_tokenizer: Any = None, student_vocab: int | None = None) -> Path:
+def write_stage_targets(
+    recipe: Any, stage: str, student_tokenizer: Any = None, student_vocab: int | None = None
+) -> Path:
     """Write the offline targets a recipe's distill stage asks for (``python -m posttrain.teacher``, or
     the stage itself when its targets dir does not exist). With a student tokenizer and vocabulary,
     the teacher is checked against them before it runs."""
@@ -374,7 +380,9 @@ def _weight_files(name_or_path: str | None) -> list[list[Any]]:
     has other targets (a hub id or a teacher built from config: [])."""
     if name_or_path is None or not Path(name_or_path).expanduser().is_dir():
         return []
-    files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in Path(name_or_path).expanduser().glob(pattern))
+    files = sorted(
+        f for pattern in ("*.safetensors", "*.bin") for f in Path(name_or_path).expanduser().glob(pattern)
+    )
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 

@@ -32,7 +32,9 @@ CHAT_TEMPLATE = (
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]  # digits, letters, punctuation, space, \t, \n
+    chars = [
+        c for c in string.printable if c not in "\x0b\x0c\r"
+    ]  # digits, letters, punctuation, space, \t, \n
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")

@@ -84,7 +84,9 @@ class Tracker:
             return
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
-                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+                kept = [
+                    ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step
+                ]
                 path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -102,7 +104,9 @@ class Tracker:
             return
         with self.samples_path.open("a") as f:
             for r in rows:
-                f.write(json.dumps({"step": step, "table": name, **{k: _plain(v) for k, v in r.items()}}) + "\n")
+                f.write(
+                    json.dumps({"step": step, "table": name, **{k: _plain(v) for k, v in r.items()}}) + "\n"
+                )
         if self._wandb is not None:
             import wandb
 
@@ -122,13 +126,17 @@ class Tracker:
 
     def progress(self, total: int, initial: int, desc: str) -> None:
         if self.enabled and self.cfg.progress:
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(
+                total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
 
     def advance(self, postfix: dict[str, Any] | None = None) -> None:
         if self._bar is not None:
             self._bar.update(1)
             if postfix:
-                self._bar.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False)
+                self._bar.set_postfix(
+                    {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False
+                )
 
     def close(self) -> None:
         if self._bar is not None:

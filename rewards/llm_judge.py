@@ -98,7 +98,9 @@ def _check(kwargs: dict[str, Any]) -> None:
     from posttrain.config import ConfigError
 
     if "judge" not in kwargs:
-        raise ConfigError("reward 'llm_judge' needs kwargs.judge: the path of the judge model's checkpoint directory")
+        raise ConfigError(
+            "reward 'llm_judge' needs kwargs.judge: the path of the judge model's checkpoint directory"
+        )
     if not (Path(str(kwargs["judge"])) / "config.json").is_file():
         raise ConfigError(
             f"reward 'llm_judge': kwargs.judge {str(kwargs['judge'])!r} is not a Hugging Face checkpoint directory "

@@ -34,7 +34,9 @@ def test_none_rewards_are_left_out_of_the_baseline() -> None:
     and the unscored completion gets exactly 0 and scored=False."""
     out = group_advantages(rewards_tensor([[1.0, None, 0.0, 0.0]]), eps=EPS)
     d = math.sqrt(1 / 3) + EPS
-    assert out.advantages[0].tolist() == pytest.approx([(2 / 3) / d, 0.0, -(1 / 3) / d, -(1 / 3) / d], abs=1e-12)
+    assert out.advantages[0].tolist() == pytest.approx(
+        [(2 / 3) / d, 0.0, -(1 / 3) / d, -(1 / 3) / d], abs=1e-12
+    )
     assert out.scored.tolist() == [[True, False, True, True]]
     assert out.mean.tolist() == pytest.approx([1 / 3])
 
@@ -81,7 +83,10 @@ def test_naive_loop_parity_with_ties_and_none() -> None:
     g = torch.Generator().manual_seed(1)
     vals = torch.randint(0, 2, (200, 6), generator=g).tolist()
     drop = (torch.rand(200, 6, generator=g) < 0.15).tolist()
-    groups = [[None if d else float(v) for v, d in zip(row, drow, strict=True)] for row, drow in zip(vals, drop, strict=True)]
+    groups = [
+        [None if d else float(v) for v, d in zip(row, drow, strict=True)]
+        for row, drow in zip(vals, drop, strict=True)
+    ]
     out = group_advantages(rewards_tensor(groups), eps=EPS)
     for i, grp in enumerate(groups):
         s = [x for x in grp if x is not None]

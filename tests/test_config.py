@@ -22,13 +22,19 @@ def test_every_group_option_composes(group):
         recipe = compose("quickstart", [f"{group}={option}"])
         if group == "deepspeed":
             expected = yaml.safe_load((recipes_dir() / group / f"{option}.yaml").read_text())
-            assert recipe.deepspeed.zero_stage == expected["zero_stage"] and recipe.deepspeed.bf16 == expected["bf16"]
+            assert (
+                recipe.deepspeed.zero_stage == expected["zero_stage"]
+                and recipe.deepspeed.bf16 == expected["bf16"]
+            )
         else:
             assert recipe.model.arch is not None or recipe.model.name_or_path is not None
 
 
 def test_unknown_key_names_key_and_closest():
-    with pytest.raises(ConfigError, match=r"unknown key 'stages.warmup.max_step' \(did you mean 'stages.warmup.max_steps'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'stages.warmup.max_step' \(did you mean 'stages.warmup.max_steps'\?\)",
+    ):
         compose("quickstart", ["stages.warmup.max_step=5"])
 
 
@@ -52,7 +58,10 @@ def test_literal_and_stage_type_errors():
 
 
 def test_unknown_recipe_lists_available():
-    with pytest.raises(ConfigError, match=r"unknown recipe 'quickstrat' \(did you mean 'quickstart'\?\); available: .*quickstart"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown recipe 'quickstrat' \(did you mean 'quickstart'\?\); available: .*quickstart",
+    ):
         compose("quickstrat", [])
 
 

@@ -47,7 +47,10 @@ def test_pass_at_k_rejects_bad_counts() -> None:
 
 
 def _samples(rates: list[float], capability: str = "add") -> list[Sample]:
-    return [Sample(prompt=f"p{i}", columns={"capability": capability, "rate": r}, uid=f"{capability}{i}") for i, r in enumerate(rates)]
+    return [
+        Sample(prompt=f"p{i}", columns={"capability": capability, "rate": r}, uid=f"{capability}{i}")
+        for i, r in enumerate(rates)
+    ]
 
 
 def _stub_pass(pool: PromptPool, n: int, step: int, shift: float = 0.0) -> dict[str, tuple[int, int]]:
@@ -196,7 +199,11 @@ def test_stratified_long_run_shares_with_fractional_quotas() -> None:
     """Batch of 10 with weights 0.5 / 0.3 / 0.2 split 5 / 3 / 2 exactly; with 1 / 1 / 1 a batch of 10
     has 3 / 3 / 3 + one slot drawn evenly, so over 3000 batches each share is 1/3 +- 0.01."""
     sampler = StratifiedSampler({"a": 0.5, "b": 0.3, "c": 0.2}, seed=1)
-    assert Counter(u[0] for u in sampler.sample(_by_cap({"a": 20, "b": 20, "c": 20}), 10)) == {"a": 5, "b": 3, "c": 2}
+    assert Counter(u[0] for u in sampler.sample(_by_cap({"a": 20, "b": 20, "c": 20}), 10)) == {
+        "a": 5,
+        "b": 3,
+        "c": 2,
+    }
     even = StratifiedSampler({}, seed=2)
     counts: Counter[str] = Counter()
     for _ in range(3000):

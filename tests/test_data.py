@@ -25,7 +25,10 @@ from posttrain.models import build_model
 from posttrain.tasks import generate_rows, is_held_out
 from posttrain.tokenizer import build_char_tokenizer
 
-TASKS = {"add": TinyTaskConfig(kind="add", levels=(1, 2)), "rev": TinyTaskConfig(kind="reverse", levels=(3, 4))}
+TASKS = {
+    "add": TinyTaskConfig(kind="add", levels=(1, 2)),
+    "rev": TinyTaskConfig(kind="reverse", levels=(3, 4)),
+}
 
 
 def test_tiny_world_is_deterministic_and_held_out_is_disjoint():
@@ -47,14 +50,31 @@ def test_tiny_world_is_deterministic_and_held_out_is_disjoint():
 def test_sft_labels_cover_completion_and_eos_only():
     tok = build_char_tokenizer()
     ids, labels = encode_sft(tok, "12+3=", "15")
-    n_prompt = len("<bos><|user|>12+3=<|end|><|assistant|>".replace("<bos>", "B").replace("<|user|>", "U").replace("<|end|>", "E").replace("<|assistant|>", "A"))
+    n_prompt = len(
+        "<bos><|user|>12+3=<|end|><|assistant|>".replace("<bos>", "B")
+        .replace("<|user|>", "U")
+        .replace("<|end|>", "E")
+        .replace("<|assistant|>", "A")
+    )
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
     assert tok.decode(ids[n_prompt:]) == "15<eos>"
 
 
-SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
-SMALL_L4 = {**SMALL, "intermediate_size_mlp": 128, "num_local_experts": 2, "interleave_moe_layer_step": 2, "head_dim": 32}
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+SMALL_L4 = {
+    **SMALL,
+    "intermediate_size_mlp": 128,
+    "num_local_experts": 2,
+    "interleave_moe_layer_step": 2,
+    "head_dim": 32,
+}
 
 
 @pytest.mark.parametrize("arch,config", [("llama", SMALL), ("llama4", SMALL_L4)])
@@ -115,6 +135,8 @@ def test_missing_file_and_missing_column(tmp_path):
 
 def test_jsonl_source_loads_through_datasets(tmp_path):
     f = tmp_path / "d.jsonl"
-    f.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(5)))
+    f.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(5))
+    )
     ds = load_rows(DataConfig(source=str(f)), "train", 0, ["prompt", "completion"])
     assert len(ds) == 5 and ds[2] == {"prompt": "2+1=", "completion": "3"}

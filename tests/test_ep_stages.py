@@ -211,7 +211,15 @@ def test_bad_ep_size_fails_before_any_rank_starts(run_cli, tmp_path: Path) -> No
             ["parallel.ep_size=2", "launcher.nproc_per_node=2", "deepspeed=zero0"],
             "with deepspeed ZeRO-0 clips with a per-rank-averaged gradient norm",
         ),
-        (["parallel.ep_size=2", "launcher.nproc_per_node=2", "deepspeed=zero0", "deepspeed.gradient_clipping=0"], None),
+        (
+            [
+                "parallel.ep_size=2",
+                "launcher.nproc_per_node=2",
+                "deepspeed=zero0",
+                "deepspeed.gradient_clipping=0",
+            ],
+            None,
+        ),
         (["parallel.ep_size=2", "launcher.nproc_per_node=4"], None),
         (["parallel.ep_size=4", "launcher.nproc_per_node=2", "launcher.nnodes=2"], None),
     ],

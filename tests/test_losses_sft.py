@@ -22,7 +22,9 @@ def test_sft_loss_hand_derived():
     per_token, aux = sft_loss(logits, labels)
     assert torch.allclose(per_token, torch.tensor([[math.log(3), math.log(2), 0.0]]), atol=1e-6)
     assert aux["mask"].tolist() == [[True, True, False]]
-    assert math.isclose(float(aggregate(per_token, aux["mask"])), (math.log(3) + math.log(2)) / 2, rel_tol=1e-6)
+    assert math.isclose(
+        float(aggregate(per_token, aux["mask"])), (math.log(3) + math.log(2)) / 2, rel_tol=1e-6
+    )
 
 
 def test_shift_aligns_prediction_with_next_token():
@@ -69,5 +71,7 @@ def test_token_logprobs_equal_log_softmax_gather():
     torch.manual_seed(2)
     logits = torch.randn(2, 3, 4)
     tokens = torch.randint(0, 4, (2, 3))
-    ref = torch.stack([torch.stack([torch.log_softmax(logits[b, t], -1)[tokens[b, t]] for t in range(3)]) for b in range(2)])
+    ref = torch.stack(
+        [torch.stack([torch.log_softmax(logits[b, t], -1)[tokens[b, t]] for t in range(3)]) for b in range(2)]
+    )
     assert torch.allclose(token_logprobs(logits, tokens), ref, atol=1e-6)

@@ -298,7 +298,9 @@ def test_tokens_per_expert_match_the_routers_choices(ep_run: Path) -> None:
             tokens = [m[f"ep/L{layer}/tokens/e{e}"] for e in range(expected.shape[1])]
             assert sum(tokens) == m["ep/routed_tokens"] > 0
             mean = sum(tokens) / len(tokens)
-            assert m[f"ep/L{layer}/max_load"] == pytest.approx(max(tokens) / mean) and max(tokens) / mean >= 1.0
+            assert (
+                m[f"ep/L{layer}/max_load"] == pytest.approx(max(tokens) / mean) and max(tokens) / mean >= 1.0
+            )
             assert m[f"ep/L{layer}/min_load"] == pytest.approx(min(tokens) / mean)
 
 

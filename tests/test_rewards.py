@@ -255,7 +255,9 @@ def test_llm_judge_needs_a_judge_checkpoint(tmp_path: Path) -> None:
         bind_rewards(RewardsConfig(specs=(RewardSpec("llm_judge", kwargs={"judge": "/no/such/judge"}),)))
     with pytest.raises(ConfigError, match="kwargs.engine is 'tgi'"):
         (tmp_path / "config.json").write_text("{}")
-        bind_rewards(RewardsConfig(specs=(RewardSpec("llm_judge", kwargs={"judge": str(tmp_path), "engine": "tgi"}),)))
+        bind_rewards(
+            RewardsConfig(specs=(RewardSpec("llm_judge", kwargs={"judge": str(tmp_path), "engine": "tgi"}),))
+        )
     with pytest.raises(ConfigError, match="needs kwargs.judge"):  # the runner checks too
         RewardRunner(RewardsConfig(specs=(RewardSpec("llm_judge"),)))
 

@@ -96,9 +96,21 @@ def test_grpo_loss_matches_naive_loop_and_trl_formulas() -> None:
     mask = torch.rand(B, T, generator=g) > 0.25
     ent = entropy_from_logits(logits).double()
     kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05, entropy_coef=0.01)
-    ours, m = grpo_loss(logp, old, adv, mask, kw["clip_low"], kw["clip_high"], ref, kw["kl_coef"], ent, kw["entropy_coef"])
-    naive = _naive_grpo(logp.tolist(), old.tolist(), ref.tolist(), ent.tolist(), adv.tolist(), mask.tolist(),
-                        kw["clip_low"], kw["clip_high"], kw["kl_coef"], kw["entropy_coef"])
+    ours, m = grpo_loss(
+        logp, old, adv, mask, kw["clip_low"], kw["clip_high"], ref, kw["kl_coef"], ent, kw["entropy_coef"]
+    )
+    naive = _naive_grpo(
+        logp.tolist(),
+        old.tolist(),
+        ref.tolist(),
+        ent.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        kw["clip_low"],
+        kw["clip_high"],
+        kw["kl_coef"],
+        kw["entropy_coef"],
+    )
     torch.testing.assert_close(ours, torch.tensor(naive, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     assert 0 < m["clip_frac"].item() < 1  # the test really exercises both branches
 
@@ -152,7 +164,9 @@ def test_entropy_hand_derived_and_trl_parity() -> None:
     assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4), abs=1e-6)
     assert entropy_from_logits(half).item() == pytest.approx(math.log(2), abs=1e-6)
     logits = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(entropy_from_logits(logits), trl_entropy_from_logits(logits), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        entropy_from_logits(logits), trl_entropy_from_logits(logits), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_grpo_loss_needs_its_inputs() -> None:

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.vllm
 
 
 @reward("rl_stage_test")
-def rl_stage_test(prompts: list[str], completions: list[str], capability: list[str], **_: Any) -> list[float | None]:
+def rl_stage_test(
+    prompts: list[str], completions: list[str], capability: list[str], **_: Any
+) -> list[float | None]:
     """const -> 1.0; na -> None; parity -> 1.0 when the completion has an even number of characters.
 
     >>> rl_stage_test(["a", "b", "c"], ["xy", "x", "x"], capability=["parity", "parity", "const"])
@@ -39,7 +41,11 @@ def rl_stage_test(prompts: list[str], completions: list[str], capability: list[s
 
 
 def _write_prompts(path: Path, caps: list[str], n_per_cap: int, long_rows: int = 0) -> None:
-    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i), "capability": cap} for cap in caps for i in range(n_per_cap)]
+    rows = [
+        {"prompt": f"{i}+{i}=", "answer": str(2 * i), "capability": cap}
+        for cap in caps
+        for i in range(n_per_cap)
+    ]
     rows += [{"prompt": "9" * 80 + "=", "answer": "0", "capability": caps[0]} for _ in range(long_rows)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -56,7 +62,13 @@ def _recipe(tmp: Path, data: Path, name: str, **stage: Any) -> dict[str, Any]:
         "max_steps": 2,
         "save_every": 0,
         "log_samples_every": 1,
-        "optim": {"lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant"},
+        "optim": {
+            "lr": 1e-3,
+            "betas": [0.9, 0.99],
+            "weight_decay": 0.0,
+            "warmup_steps": 0,
+            "schedule": "constant",
+        },
     }
     rl.update(stage)
     yaml_model = (Path(__file__).resolve().parents[1] / "recipes" / "model" / "tiny_llama.yaml").read_text()
@@ -67,8 +79,12 @@ def _recipe(tmp: Path, data: Path, name: str, **stage: Any) -> dict[str, Any]:
         "model": yaml.safe_load(yaml_model),
         "deepspeed": {"zero_stage": 2},
         "tracking": {"progress": False, "wandb": {"mode": "disabled"}},
-        "eval": {"data": {"source": "tiny", "tasks": {"add": {"kind": "add", "levels": [1]}}, "num_eval": 4},
-                 "sampled": False, "include_base": False, "max_new_tokens": 4},
+        "eval": {
+            "data": {"source": "tiny", "tasks": {"add": {"kind": "add", "levels": [1]}}, "num_eval": 4},
+            "sampled": False,
+            "include_base": False,
+            "max_new_tokens": 4,
+        },
         "stages": {"rl": rl},
     }
 
@@ -104,12 +120,19 @@ def test_rl_steps_with_vllm_train_only_on_informative_groups(tmp_path: Path) -> 
     # the rollout table grows; rows from both steps are kept
     table = _rows(sd, "samples.jsonl")
     assert {r["step"] for r in table} == {1, 2}
-    assert all(r["table"] == "rollouts" and {"prompt", "completion", "reward", "advantage"} <= set(r) for r in table)
+    assert all(
+        r["table"] == "rollouts" and {"prompt", "completion", "reward", "advantage"} <= set(r) for r in table
+    )
     # the exported policy moved away from the starting weights
     before, tok = load_checkpoint(sd / "rollout_init")
     after, _ = load_checkpoint(sd / "checkpoint")
-    shift = max(abs(_logprob(after, tok, r["prompt"], r["completion"]) - _logprob(before, tok, r["prompt"], r["completion"]))
-                for r in table)
+    shift = max(
+        abs(
+            _logprob(after, tok, r["prompt"], r["completion"])
+            - _logprob(before, tok, r["prompt"], r["completion"])
+        )
+        for r in table
+    )
     assert shift > 1e-2
 
 
@@ -160,7 +183,9 @@ def test_capability_weights_must_name_capabilities_of_the_data(tmp_path: Path) -
     data = tmp_path / "prompts.jsonl"
     _write_prompts(data, ["parity", "const"], n_per_cap=4)
     recipe = parse_recipe(_recipe(tmp_path, data, "w", capability_weights={"parity": 1.0, "cnst": 2.0}))
-    with pytest.raises(ConfigError, match=r"capability_weights names 'cnst', .* its capabilities: const, parity$"):
+    with pytest.raises(
+        ConfigError, match=r"capability_weights names 'cnst', .* its capabilities: const, parity$"
+    ):
         run_pipeline(recipe)
 
 
@@ -183,7 +208,17 @@ def test_resume_continues_the_curriculum_exactly(tmp_path: Path) -> None:
     assert sorted(second) == [0, 1, 2, 3]
     assert second[2] == first[2]  # rows up to the saved step are kept, not recomputed
     a, b = first[3], second[3]
-    for key in ("pool/drawn", "pool/trainable", "pool/backlog", "pool/retired", "filter/checked", "total/rollouts_all",
-                "rollout/groups", "reward/mean", "train/sequences", "train/completion_tokens"):
+    for key in (
+        "pool/drawn",
+        "pool/trainable",
+        "pool/backlog",
+        "pool/retired",
+        "filter/checked",
+        "total/rollouts_all",
+        "rollout/groups",
+        "reward/mean",
+        "train/sequences",
+        "train/completion_tokens",
+    ):
         assert a[key] == b[key], key
     assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-7)

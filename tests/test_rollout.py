@@ -31,7 +31,9 @@ TOL = 1e-4  # float32 log-probs, vLLM CPU kernels vs. transformers eager
 
 
 def tiny(arch: str) -> tuple[Any, Any]:
-    cfg = parse(ModelConfig, yaml.safe_load((REPO / "recipes" / "model" / f"{arch}.yaml").read_text()), "model")
+    cfg = parse(
+        ModelConfig, yaml.safe_load((REPO / "recipes" / "model" / f"{arch}.yaml").read_text()), "model"
+    )
     return build_model(cfg, seed=0)
 
 
@@ -83,7 +85,9 @@ def tokens(groups: list[RolloutGroup]) -> list[list[int]]:
     return [c.token_ids for g in groups for c in g.completions]
 
 
-def check_well_formed(groups: list[RolloutGroup], given: list[Sample], n: int, tok: Any, max_tokens: int) -> None:
+def check_well_formed(
+    groups: list[RolloutGroup], given: list[Sample], n: int, tok: Any, max_tokens: int
+) -> None:
     assert [g.sample.uid for g in groups] == [s.uid for s in given]
     for g in groups:
         assert g.prompt_ids == encode_prompt(tok, g.sample.prompt)
@@ -214,7 +218,9 @@ def test_after_weight_updates_greedy_and_logprobs_equal_hf(case: Case) -> None:
         want = [hf_greedy(updated, case.tok, p, 12) for p in PROMPTS]
         assert got == want
         assert_logprobs_match_hf(groups, updated)
-        assert got != before, "the perturbation did not change any greedy output; the test would prove nothing"
+        assert got != before, (
+            "the perturbation did not change any greedy output; the test would prove nothing"
+        )
     expected_moe_layers = 2 if case.arch == "tiny_llama4" else 0
     assert case.engine.last_sync_moe_layers == expected_moe_layers
 
@@ -225,7 +231,9 @@ def test_moe_reload_alone_is_stale_and_refresh_fixes_it(case: Case) -> None:
     (log-probs off by far more than float error); ``refresh_fused_moe_weights`` makes them exact.
     On the dense model the reload alone is already exact and the refresh touches no layer."""
     updated = perturbed(case.model, seed=7).eval()
-    case.engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(updated.state_dict().items())})
+    case.engine.llm.collective_rpc(
+        "reload_weights", kwargs={"weights_iterator": iter(updated.state_dict().items())}
+    )
     case.engine.llm.reset_prefix_cache()
     params = SamplingConfig(n=1, temperature=0.0, max_tokens=12)
     groups = case.engine.generate(samples(), params)
@@ -236,7 +244,9 @@ def test_moe_reload_alone_is_stale_and_refresh_fixes_it(case: Case) -> None:
     )
     refreshed = case.engine.llm.collective_rpc(refresh_fused_moe_weights)
     if case.arch == "tiny_llama4":
-        assert stale_gap > 1e-2, f"reload alone matched transformers (gap {stale_gap:.1e}); the fix may be obsolete"
+        assert stale_gap > 1e-2, (
+            f"reload alone matched transformers (gap {stale_gap:.1e}); the fix may be obsolete"
+        )
         assert refreshed == [2]
     else:
         assert stale_gap < TOL
@@ -327,12 +337,16 @@ def test_hf_engine_sync_weights_and_greedy(hf_case: Any) -> None:
     engine.sync_weights(updated.state_dict())
     try:
         groups = engine.generate(samples(), SamplingConfig(n=1, temperature=0.0, max_tokens=12))
-        assert [g.completions[0].token_ids for g in groups] == [hf_greedy(updated, tok, p, 12) for p in PROMPTS]
+        assert [g.completions[0].token_ids for g in groups] == [
+            hf_greedy(updated, tok, p, 12) for p in PROMPTS
+        ]
     finally:
         engine.sync_weights(model.state_dict())
 
 
-def test_make_engine_names_the_extra_when_vllm_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_make_engine_names_the_extra_when_vllm_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """A missing vLLM is an error that says what to install; it never falls back to the HF engine."""
     _, tok = tiny("tiny_llama")
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees when it is not installed

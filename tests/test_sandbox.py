@@ -209,7 +209,9 @@ def hostile_snippets(h: Host, mode: str) -> dict[str, str]:
     }
     if mode == "audit":
         # audit mode allows one thread (namespaces mode: max_procs, in its own PID namespace)
-        snippets["thread below threading"] = "import _thread, time\n_thread.start_new_thread(time.sleep, (100,))\nprint('ESCAPED')"
+        snippets["thread below threading"] = (
+            "import _thread, time\n_thread.start_new_thread(time.sleep, (100,))\nprint('ESCAPED')"
+        )
     if mode == "namespaces":
         snippets |= {
             # audit mode runs as the host user and lets the interpreter's own directories be read

@@ -77,7 +77,9 @@ def test_offline_wandb_run_holds_the_metrics_and_tables_and_a_resume_continues_i
     assert [r["_step"] for r in rows] == [1, 2, 3]
     assert [r["train/loss"] for r in rows] == [1.0, 0.5, 1.0 / 3]
     # the rollout table grows: one increment (its new rows only) per logged step, none overwritten
-    assert [(r["rollouts/_type"], r["rollouts/nrows"]) for r in rows] == [("incremental-table-file", n) for n in (1, 2, 3)]
+    assert [(r["rollouts/_type"], r["rollouts/nrows"]) for r in rows] == [
+        ("incremental-table-file", n) for n in (1, 2, 3)
+    ]
     parts = [json.loads((first.parent / "files" / r["rollouts/path"]).read_text()) for r in rows]
     assert [p["data"] for p in parts] == [[[1, "1+1=", 1.0]], [[2, "2+1=", 0.0]], [[3, "3+1=", 1.0]]]
 
@@ -105,7 +107,10 @@ def test_unreachable_online_wandb_fails_in_one_line_within_its_timeout(tmp_path,
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     cfg = TrackingConfig(wandb=WandbConfig(mode="online", init_timeout_s=5))
     t0 = time.monotonic()
-    with pytest.raises(TrackingError, match=r"W&B \(online\) did not start within tracking.wandb.init_timeout_s=5: .*mode=offline") as e:
+    with pytest.raises(
+        TrackingError,
+        match=r"W&B \(online\) did not start within tracking.wandb.init_timeout_s=5: .*mode=offline",
+    ) as e:
         Tracker(cfg, tmp_path, "run", "warmup", {})
     assert time.monotonic() - t0 < 60
     assert "\n" not in str(e.value)

@@ -115,7 +115,9 @@ def run_rl(ctx: StageContext) -> None:
         for key in ("rollouts", "filter_rollouts", "groups", "groups_zero_adv", "skipped_updates"):
             totals[key] = totals.get(key, 0.0) + metrics.pop(f"_count/{key}", 0.0)
         metrics |= {f"total/{k}": v for k, v in totals.items()}
-        metrics["total/rollouts_all"] = totals["rollouts"] + totals["filter_rollouts"]  # completions generated
+        metrics["total/rollouts_all"] = (
+            totals["rollouts"] + totals["filter_rollouts"]
+        )  # completions generated
         if pool is not None:
             metrics |= pool.metrics(step)
         metrics["time/step_s"] = time.perf_counter() - t0
@@ -145,7 +147,10 @@ def load_prompts(cfg: RLConfig, tokenizer: Any, seed: int, context: int) -> tupl
     or leaving no room for ``sampling.max_tokens`` in the context, are skipped and counted."""
     ds = load_rows(cfg.data, "train", seed, required=["prompt"])
     prompts = [str(p) for p in ds["prompt"]]
-    lengths = [len(ids) for ids in tokenizer([prompt_text(tokenizer, p) for p in prompts], add_special_tokens=False).input_ids]
+    lengths = [
+        len(ids)
+        for ids in tokenizer([prompt_text(tokenizer, p) for p in prompts], add_special_tokens=False).input_ids
+    ]
     limit = min(cfg.data.max_prompt_len, context - cfg.sampling.max_tokens)
     columns = [c for c in ds.column_names if c != "prompt"]
     values = {c: ds[c] for c in columns}
@@ -160,7 +165,10 @@ def load_prompts(cfg: RLConfig, tokenizer: Any, seed: int, context: int) -> tupl
         log.warning(
             "%s: skipped %d prompt(s) longer than %d tokens after the chat template (rows %s); raise "
             "data.max_prompt_len (and the model context) or shorten them",
-            cfg.data.source, len(too_long), limit, rows,
+            cfg.data.source,
+            len(too_long),
+            limit,
+            rows,
         )
     if not samples:
         raise ValueError(f"{cfg.data.source}: no prompt fits in {limit} tokens; raise data.max_prompt_len")
@@ -193,8 +201,13 @@ def _pool_settings(cfg: RLConfig, seed: int) -> PoolSettings:
     lo, hi = c.band
     final = (c.band_final[0], c.band_final[1]) if c.band_final is not None else None
     return PoolSettings(
-        capacity=c.pool_size, band=(lo, hi), band_final=final, band_steps=c.band_steps,
-        retire_after=c.retire_after, backlog_recheck_every=c.backlog_recheck_every, seed=seed,
+        capacity=c.pool_size,
+        band=(lo, hi),
+        band_final=final,
+        band_steps=c.band_steps,
+        retire_after=c.retire_after,
+        backlog_recheck_every=c.backlog_recheck_every,
+        seed=seed,
     )
 
 
@@ -207,7 +220,13 @@ def _start_engine(ctx: StageContext, cfg: RLConfig, tokenizer: Any, resumed: boo
         if ctx.strategy.is_main:
             write_hf_checkpoint(ctx.strategy.module, state, tokenizer, Path(source))
         ctx.strategy.barrier()
-    engine = make_engine(cfg.engine.kind, source, tokenizer, cfg.engine, work_dir=ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}")
+    engine = make_engine(
+        cfg.engine.kind,
+        source,
+        tokenizer,
+        cfg.engine,
+        work_dir=ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}",
+    )
     if resumed:
         engine.sync_weights(ctx.strategy.full_state_dict())
     return engine
@@ -230,8 +249,15 @@ class StepBatch:
 
 
 def collect_groups(
-    draw: Any, by_uid: dict[str, Sample], sampler: StratifiedSampler, engine: RolloutEngine, runner: RewardRunner,
-    cfg: RLConfig, strategy: Any, step: int, seed: int,
+    draw: Any,
+    by_uid: dict[str, Sample],
+    sampler: StratifiedSampler,
+    engine: RolloutEngine,
+    runner: RewardRunner,
+    cfg: RLConfig,
+    strategy: Any,
+    step: int,
+    seed: int,
 ) -> StepBatch:
     """Generate rounds of groups until ``prompts_per_step`` are informative (or ``max_gen_batches``).
 
@@ -266,11 +292,17 @@ def collect_groups(
 
         # per-uid (informative, n, correct) summed over ranks, so every rank makes the same choice
         local = {g.sample.uid: g for g in groups}
-        flags = _all_reduce([
-            [float(u in local and not _zero(local[u])), float(_scored(local[u])) if u in local else 0.0,
-             float(_correct(local[u], cfg)) if u in local else 0.0]
-            for u in uids
-        ], strategy)
+        flags = _all_reduce(
+            [
+                [
+                    float(u in local and not _zero(local[u])),
+                    float(_scored(local[u])) if u in local else 0.0,
+                    float(_correct(local[u], cfg)) if u in local else 0.0,
+                ]
+                for u in uids
+            ],
+            strategy,
+        )
         generated = [u for u, (_, n, _) in zip(uids, flags, strict=True) if n > 0]
         informative = [u for u, (inf, _, _) in zip(uids, flags, strict=True) if inf > 0]
         n_informative += len(informative)
@@ -297,11 +329,19 @@ def collect_groups(
         "_count/groups": float(n_groups),
         "_count/groups_zero_adv": float(n_zero),
     }
-    for k in ("rollout/tokens", "rollout/seconds", "rollout/empty_completions", "rollout/truncated_completions",
-              "rollout/skipped_overlong", "rollout/completions"):
+    for k in (
+        "rollout/tokens",
+        "rollout/seconds",
+        "rollout/empty_completions",
+        "rollout/truncated_completions",
+        "rollout/skipped_overlong",
+        "rollout/completions",
+    ):
         m[k] = stats.get(k, 0.0)
     # generation counts, speed and reward metrics below are this rank's share (the tracker logs rank 0)
-    m["rollout/tokens_per_s"] = m["rollout/tokens"] / m["rollout/seconds"] if m["rollout/seconds"] > 0 else 0.0
+    m["rollout/tokens_per_s"] = (
+        m["rollout/tokens"] / m["rollout/seconds"] if m["rollout/seconds"] > 0 else 0.0
+    )
     m |= _group_metrics(all_groups, cfg)
     m |= {k: (sum(v) if _is_count(k) else sum(v) / len(v)) for k, v in score_metrics.items()}
     m |= {f"train/groups/{cap}": float(n) for cap, n in _count_caps(out.kept).items()}
@@ -344,7 +384,15 @@ def _correct(g: RolloutGroup, cfg: RLConfig) -> int:
     return sum(1 for r in g.rewards if not math.isnan(r) and r >= cfg.pass_threshold)
 
 
-_COUNT_SUFFIXES = ("/errors", "/timeouts", "/nan", "/wrong_length", "/not_applicable", "/batch_failures", "/seconds")
+_COUNT_SUFFIXES = (
+    "/errors",
+    "/timeouts",
+    "/nan",
+    "/wrong_length",
+    "/not_applicable",
+    "/batch_failures",
+    "/seconds",
+)
 
 
 def _is_count(key: str) -> bool:
@@ -403,17 +451,27 @@ def _seed(seed: int, step: int, rnd: int, rank: int) -> int:
 
 
 def filter_pass(
-    pool: PromptPool, engine: RolloutEngine, runner: RewardRunner, cfg: RLConfig, strategy: Any, step: int, seed: int
+    pool: PromptPool,
+    engine: RolloutEngine,
+    runner: RewardRunner,
+    cfg: RLConfig,
+    strategy: Any,
+    step: int,
+    seed: int,
 ) -> dict[str, float]:
     """Sample ``filter_samples`` completions per due pool prompt with the current policy; update the pool."""
     t0 = time.perf_counter()
     due = pool.due_for_check()
     mine = [pool.samples[u] for u in due[strategy.rank :: strategy.world_size]]
-    params = dataclasses.replace(cfg.sampling, n=cfg.curriculum.filter_samples, seed=_seed(seed, step, 0, strategy.rank) ^ 0x5F)
+    params = dataclasses.replace(
+        cfg.sampling, n=cfg.curriculum.filter_samples, seed=_seed(seed, step, 0, strategy.rank) ^ 0x5F
+    )
     groups = engine.generate(mine, params)
     score(groups, runner, cfg)
     local = {g.sample.uid: (_scored(g), _correct(g, cfg)) for g in groups}
-    table = _all_reduce([[float(local.get(u, (0, 0))[0]), float(local.get(u, (0, 0))[1])] for u in due], strategy)
+    table = _all_reduce(
+        [[float(local.get(u, (0, 0))[0]), float(local.get(u, (0, 0))[1])] for u in due], strategy
+    )
     results = {u: (int(n), int(c)) for u, (n, c) in zip(due, table, strict=True) if n > 0}
     report = pool.filter_pass(results, step, k=cfg.curriculum.pass_k)
     out = {f"filter/{k}": v for k, v in report.pass_at.items()}
@@ -470,14 +528,22 @@ def policy_update(
     total = sum(denoms)
     if total == 0:  # no informative group on any rank: no update compute at all
         return {"train/skipped": 1.0}
-    chunk = lambda part: [part[i::grad_accum] or [_Seq([pad_id, pad_id], 2, 0.0, [])] for i in range(grad_accum)]  # noqa: E731
+
+    def chunk(part: list[_Seq]) -> list[list[_Seq]]:
+        """``grad_accum`` micro-batches; an empty one holds a 2-token no-loss dummy (equal backward counts)."""
+        return [part[i::grad_accum] or [_Seq([pad_id, pad_id], 2, 0.0, [])] for i in range(grad_accum)]
+
     if cfg.minibatches > 1:
         with torch.no_grad():  # old log-probs of the sequences updated after the first optimizer step
             for part in parts[1:]:
                 for micro in chunk(part):
                     batch = _collate(micro, pad_id)
-                    logits = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    lp = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:].to(logits.device)).cpu()  # [B, T-1]
+                    logits = strategy.forward(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                    lp = token_logprobs(
+                        logits[:, :-1], batch["input_ids"][:, 1:].to(logits.device)
+                    ).cpu()  # [B, T-1]
                     for b, s in enumerate(micro):
                         s.old_logprobs = lp[b, s.n_prompt - 1 : len(s.ids) - 1].tolist()
 
@@ -490,16 +556,25 @@ def policy_update(
         for micro in chunk(part):
             batch = _collate(micro, pad_id)
             model_tokens += int(batch["attention_mask"].sum())
-            logits = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+            logits = strategy.forward(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits  # [B, T, V]
             logits = logits[:, :-1]  # [B, T-1, V] predicts tokens 1..T-1
             targets = batch["input_ids"][:, 1:].to(logits.device)  # [B, T-1]
             mask = batch["completion_mask"][:, 1:].to(logits.device)  # [B, T-1]
             logprobs = token_logprobs(logits, targets)  # [B, T-1]
-            old = logprobs.detach() if micro[0].old_logprobs is None else batch["old_logprobs"].to(logits.device)
+            old = (
+                logprobs.detach()
+                if micro[0].old_logprobs is None
+                else batch["old_logprobs"].to(logits.device)
+            )
             ref_logprobs = None
             if reference is not None:
                 with torch.no_grad():
-                    ref_logits = reference(input_ids=batch["input_ids"].to(logits.device), attention_mask=batch["attention_mask"].to(logits.device)).logits
+                    ref_logits = reference(
+                        input_ids=batch["input_ids"].to(logits.device),
+                        attention_mask=batch["attention_mask"].to(logits.device),
+                    ).logits
                     ref_logprobs = token_logprobs(ref_logits[:, :-1], targets)  # [B, T-1]
             if cfg.loss.entropy_coef > 0:
                 entropy = entropy_from_logits(logits)  # [B, T-1]
@@ -507,9 +582,16 @@ def policy_update(
                 with torch.no_grad():
                     entropy = entropy_from_logits(logits.detach())
             per_token, m = grpo_loss(
-                logprobs, old, batch["advantages"].to(logits.device), mask,
-                clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
-                ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef, entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
+                logprobs,
+                old,
+                batch["advantages"].to(logits.device),
+                mask,
+                clip_low=cfg.loss.clip_low,
+                clip_high=cfg.loss.clip_high,
+                ref_logprobs=ref_logprobs,
+                kl_coef=cfg.loss.kl_coef,
+                entropy=entropy,
+                entropy_coef=cfg.loss.entropy_coef,
             )
             loss = aggregate(per_token, mask, denom)
             strategy.backward(loss)
@@ -540,7 +622,9 @@ def policy_update(
         "_model_tokens": strategy.all_reduce_sum(model_tokens),
     }
     if cfg.minibatches > 1:
-        out["train/ratio_max"] = sums["ratio_max"]  # this rank's: 1 on-policy, > 1 once the later updates drift
+        out["train/ratio_max"] = sums[
+            "ratio_max"
+        ]  # this rank's: 1 on-policy, > 1 once the later updates drift
     if reference is not None:
         out["train/kl"] = strategy.all_reduce_sum(sums["kl"]) / total
     if (norm := strategy.grad_norm()) is not None:
@@ -586,15 +670,20 @@ def sample_rows(groups: list[RolloutGroup], k: int) -> list[dict[str, Any]]:
     """A few rollouts for the (append-only) rollout table: the best and the worst of the first groups."""
     rows = []
     for g in groups[: max(1, k // 2)]:
-        order = sorted(range(len(g.completions)), key=lambda i: -(g.rewards[i] if not math.isnan(g.rewards[i]) else -math.inf))
+        order = sorted(
+            range(len(g.completions)),
+            key=lambda i: -(g.rewards[i] if not math.isnan(g.rewards[i]) else -math.inf),
+        )
         for i in dict.fromkeys([order[0], order[-1]]):
-            rows.append({
-                "prompt": g.sample.prompt,
-                "capability": str(g.sample.columns.get("capability", "default")),
-                "completion": g.completions[i].text,
-                "reward": None if math.isnan(g.rewards[i]) else g.rewards[i],
-                "advantage": g.advantages[i],
-            })
+            rows.append(
+                {
+                    "prompt": g.sample.prompt,
+                    "capability": str(g.sample.columns.get("capability", "default")),
+                    "completion": g.completions[i].text,
+                    "reward": None if math.isnan(g.rewards[i]) else g.rewards[i],
+                    "advantage": g.advantages[i],
+                }
+            )
     return rows[:k]
 
 

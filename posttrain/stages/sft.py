@@ -40,11 +40,17 @@ def run_sft(ctx: StageContext) -> None:
     for name in cfg.data_filters:
         before = len(ds)
         ds = DATA_FILTERS.get(name)(ds)
-        tracker.log({f"data_filter/{name}/kept": len(ds), f"data_filter/{name}/dropped": before - len(ds)}, step=0)
+        tracker.log(
+            {f"data_filter/{name}/kept": len(ds), f"data_filter/{name}/dropped": before - len(ds)}, step=0
+        )
     max_len = cfg.seq_len if cfg.pack else cfg.data.max_prompt_len + cfg.data.max_completion_len
     examples = tokenize_sft(ds, tokenizer, max_len, where=cfg.data.source)
     # codistillation: an online teacher turns the loss into codistill_loss (before setup: ZeRO-3 shards the model)
-    codistill = Codistiller.online(cfg.codistill, model, tokenizer, strategy.device, ctx.seed) if cfg.codistill else None
+    codistill = (
+        Codistiller.online(cfg.codistill, model, tokenizer, strategy.device, ctx.seed)
+        if cfg.codistill
+        else None
+    )
     eval_ds = ctx.eval_set() if cfg.eval_every else None
 
     # ---- engine + resume -------------------------------------------------------------------
@@ -54,7 +60,13 @@ def run_sft(ctx: StageContext) -> None:
     tracker.resume_at(step)
     per_step = cfg.grad_accum * strategy.world_size
     stream = iterate_forever(
-        examples, cfg.micro_batch_size, ctx.seed, cfg.pack, cfg.seq_len, start=step * per_step, group_by_length=cfg.group_by_length
+        examples,
+        cfg.micro_batch_size,
+        ctx.seed,
+        cfg.pack,
+        cfg.seq_len,
+        start=step * per_step,
+        group_by_length=cfg.group_by_length,
     )
     tracker.progress(cfg.max_steps, step, desc=f"{ctx.name} (sft)")
 
@@ -66,7 +78,9 @@ def run_sft(ctx: StageContext) -> None:
         batches = [_collate(examples, mb, cfg, tokenizer.pad_token_id) for mb in mine]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         denom = strategy.all_reduce_sum(local_tokens)  # loss tokens in the whole optimizer step
-        seen = strategy.all_reduce_sum(sum(int((b["input_ids"] != tokenizer.pad_token_id).sum()) for b in batches))
+        seen = strategy.all_reduce_sum(
+            sum(int((b["input_ids"] != tokenizer.pad_token_id).sum()) for b in batches)
+        )
 
         loss_sum = 0.0
         for batch in batches:
@@ -84,7 +98,11 @@ def run_sft(ctx: StageContext) -> None:
 
         loss_value = strategy.all_reduce_sum(loss_sum)  # token-mean NLL of the step
         elapsed = time.perf_counter() - t0
-        metrics: dict[str, Any] = {"train/loss": loss_value, "train/lr": strategy.lr, "train/tokens_per_s": seen / elapsed}
+        metrics: dict[str, Any] = {
+            "train/loss": loss_value,
+            "train/lr": strategy.lr,
+            "train/tokens_per_s": seen / elapsed,
+        }
         if (norm := strategy.grad_norm()) is not None:
             metrics["train/grad_norm"] = norm
         if codistill is not None:
@@ -101,7 +119,9 @@ def run_sft(ctx: StageContext) -> None:
     strategy.export_hf(ctx.checkpoint_dir, tokenizer)
 
 
-def _collate(examples: list[Example], micro: list[list[int]], cfg: SFTConfig, pad_id: int) -> dict[str, torch.Tensor]:
+def _collate(
+    examples: list[Example], micro: list[list[int]], cfg: SFTConfig, pad_id: int
+) -> dict[str, torch.Tensor]:
     if cfg.pack:
         return collate_packed([[examples[i] for i in row] for row in micro], pad_id, cfg.seq_len)
     return collate_padded([examples[row[0]] for row in micro], pad_id)
