@@ -275,7 +275,7 @@ class DataConfig:
     tasks: dict[str, TinyTaskConfig] = field(default_factory=dict)  # for source=tiny
     num_train: int = 20000
     num_eval: int = 200  # held-out prompts (disjoint from train) per capability
-    eval_source: str | None = None  # held-out file for non-tiny sources
+    eval_source: str | None = None  # the eval section's held-out file (default: its source)
     max_prompt_len: int = 64
     max_completion_len: int = 16
 

@@ -8,6 +8,7 @@ Every problem with a source is a ``DataError`` whose one-line message names the 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ IGNORE = -100
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+log = logging.getLogger(__name__)
+
+
 class DataError(UserError):
     """A dataset that cannot be used as given; the message names the file/row/column and the fix."""
 
@@ -40,9 +44,7 @@ def load_rows(cfg: DataConfig, split: str, seed: int, required: Sequence[str]) -
         ds = tiny_dataset(cfg.tasks, split, n, seed)
         where = f"tiny world ({', '.join(sorted(cfg.tasks))})"
     else:
-        source = cfg.source if split == "train" else cfg.eval_source
-        if source is None:
-            raise DataError(f"data.eval_source is not set: give a held-out file for source '{cfg.source}'")
+        source = cfg.source if split == "train" else (cfg.eval_source or cfg.source)
         ds, where = _load_source(source, cfg.split if split == "train" else "train")
     missing = [c for c in required if c not in ds.column_names]
     if missing:
@@ -55,17 +57,16 @@ def load_rows(cfg: DataConfig, split: str, seed: int, required: Sequence[str]) -
 
 def check_source(cfg: DataConfig, key: str, required: Sequence[str]) -> None:
     """Fail early on a missing/malformed file or missing columns (``a|b`` = either column)."""
-    for split, source in (("train", cfg.source), ("eval", cfg.eval_source)):
-        if source is None or (split == "eval" and not key.startswith("eval")):
-            continue
-        ds, where = _load_source(source, cfg.split)
-        for need in required:
-            options = need.split("|")
-            if not any(o in ds.column_names for o in options):
-                raise DataError(
-                    f"{where} ({key}): missing required column '{' or '.join(options)}' "
-                    f"(has: {', '.join(ds.column_names)}); add it or rename a column"
-                )
+    held_out = key.startswith("eval")  # the eval section reads eval_source, else source (as load_rows)
+    source = (cfg.eval_source or cfg.source) if held_out else cfg.source
+    ds, where = _load_source(source, "train" if held_out else cfg.split)
+    for need in required:
+        options = need.split("|")
+        if not any(o in ds.column_names for o in options):
+            raise DataError(
+                f"{where} ({key}): missing required column '{' or '.join(options)}' "
+                f"(has: {', '.join(ds.column_names)}); add it or rename a column"
+            )
 
 
 def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
@@ -149,6 +150,12 @@ def tokenize_sft(ds: datasets.Dataset, tokenizer: Any, max_len: int, where: str 
             skipped += 1
             continue
         out.append(Example(ids, labels))
+    if skipped:
+        log.warning(
+            "%s: skipped %d of %d examples longer than %d tokens after the chat template; raise the stage's "
+            "seq_len (packed) or data.max_prompt_len + data.max_completion_len to keep them",
+            where, skipped, len(completions), max_len,
+        )  # fmt: skip
     if not out:
         raise DataError(f"{where}: every example is longer than {max_len} tokens; raise the stage's seq_len")
     return out

@@ -132,8 +132,11 @@ def prepare_run_dir(recipe: Recipe, is_main: bool) -> Path:
     if _conflict(recipe):
         # Keep the old run until the new one finishes: a failed overwrite loses nothing.
         previous = rd.with_name(rd.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        rd.rename(previous)
+        if (previous / "DONE").exists() and not (rd / "DONE").exists():
+            shutil.rmtree(rd)  # an overwrite that failed before: the finished run it replaces stays kept
+        else:
+            shutil.rmtree(previous, ignore_errors=True)
+            rd.rename(previous)
     rd.mkdir(parents=True, exist_ok=True)
     tmp = rd / "recipe.yaml.tmp"
     tmp.write_text(yaml.safe_dump(_comparable(recipe), sort_keys=False))

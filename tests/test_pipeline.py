@@ -87,6 +87,38 @@ def test_rerun_of_a_finished_run_is_refused_and_nothing_changes(finished_run):
     assert (ckpt.stat().st_mtime_ns, ckpt.read_bytes()) == before
 
 
+def test_overwrite_keeps_the_finished_run_until_a_new_one_finishes(finished_run, tmp_path):
+    """run.overwrite=true moves the finished run aside; runs that fail (twice) leave it intact, the
+    first that finishes replaces it."""
+    import shutil
+
+    shutil.copytree(finished_run[0] / "runs", tmp_path / "runs")
+    previous = tmp_path / "runs" / "e2e.previous" / "warmup" / "checkpoint" / "model.safetensors"
+    original = (tmp_path / "runs" / "e2e" / "warmup" / "checkpoint" / "model.safetensors").read_bytes()
+    for seq_len in (4, 5):  # every example is longer: the stage fails after the run dir is set up
+        # (two different recipes: the second attempt replaces the first's unfinished run, not the kept one)
+        failing = _cmd(
+            "run.name=e2e",
+            "run.overwrite=true",
+            "stages.warmup.pack=true",
+            f"stages.warmup.seq_len={seq_len}",
+        )
+        res = subprocess.run(failing, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and f"every example is longer than {seq_len} tokens" in res.stderr, (
+            res.stderr[-2000:]
+        )
+        assert previous.read_bytes() == original, f"the attempt with seq_len={seq_len} lost the finished run"
+        assert not (tmp_path / "runs" / "e2e" / "DONE").exists()
+    res = subprocess.run(
+        _cmd("run.name=e2e", "run.overwrite=true", "stages.warmup.max_steps=3"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "runs" / "e2e" / "DONE").exists() and not previous.parents[2].exists()
+    rows = (tmp_path / "runs" / "e2e" / "warmup" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3
+
+
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted(finished_run, tmp_path):
     """Kill -9 after the step-4 state is saved; rerunning the same command must finish with exactly
     the weights (and per-step losses) of the uninterrupted run: data position, optimizer, scheduler
