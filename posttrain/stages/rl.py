@@ -344,7 +344,8 @@ def collect_groups(
     )
     m |= _group_metrics(all_groups, cfg)
     m |= {k: (sum(v) if _is_count(k) else sum(v) / len(v)) for k, v in score_metrics.items()}
-    m |= {f"train/groups/{cap}": float(n) for cap, n in _count_caps(out.kept).items()}
+    m |= {f"train/groups/{cap}": float(n) for cap, n in _count_by(out.kept).items()}
+    m |= {f"train/difficulty/{d}": float(n) for d, n in _count_by(out.kept, "difficulty").items()}
     out.metrics = m
     return out
 
@@ -400,10 +401,12 @@ def _is_count(key: str) -> bool:
     return key.endswith(_COUNT_SUFFIXES) or key in ("reward/none", "reward/failed_samples")
 
 
-def _count_caps(groups: list[RolloutGroup]) -> dict[str, int]:
+def _count_by(groups: list[RolloutGroup], column: str = "capability") -> dict[str, int]:
+    """Groups per value of a data column (this rank's): capability, or difficulty when the data has it."""
     out: dict[str, int] = defaultdict(int)
     for g in groups:
-        out[str(g.sample.columns.get("capability", "default"))] += 1
+        if column == "capability" or column in g.sample.columns:
+            out[str(g.sample.columns.get(column, "default"))] += 1
     return dict(out)
 
 
