@@ -390,7 +390,7 @@ class CodistillConfig:
     targets: str | None = None  # offline top-k targets dir (Arrow); when set, training reads these
     modes: tuple[Literal["fixed", "schedule", "teacher_confidence", "teacher_entropy"], ...] = ("fixed",)
     lambda0: float = 0.5  # λ for "fixed", or the schedule's start; scales the per-token modes
-    lambda1: float = 0.5  # the schedule's end (reached at the stage's max_steps)
+    lambda1: float = 0.5  # the schedule's end (the stage's last step uses it)
     schedule: Literal["linear", "cosine"] = "linear"
     temperature: float = 1.0
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"

@@ -171,6 +171,9 @@ def grpo_loss(
 #   teacher_confidence  factor = p_teacher(gold token)           soft where the teacher agrees with the label
 #   teacher_entropy     factor = 1 − H(teacher) / log V          soft where the teacher is sure
 # The per-token signals read the teacher at temperature 1; D reads both models at temperature τ.
+# From top-k targets: p_teacher(gold) is 0 when the gold token is outside the top k, and H is the
+# entropy over the K kept tokens + the tail bucket — a lower bound of the full entropy, so
+# teacher_entropy's λ is at least the full-logits one (equal at K = V).
 # λ_t is a constant of the loss (it depends on the teacher only), so no gradient flows through it.
 
 CODISTILL_MODES = ("fixed", "schedule", "teacher_confidence", "teacher_entropy")
@@ -211,12 +214,13 @@ def codistill_lambda_base(
 ) -> float:
     """The token-independent part of λ: ``lambda0`` or, with mode ``schedule``, its value at ``step``.
 
-    Progress p = clamp(step / total_steps, 0, 1); linear: λ0 + (λ1 − λ0)·p;
-    cosine: λ0 + (λ1 − λ0)·(1 − cos πp)/2 (flat at both ends).
+    ``step`` is the 0-based index of the update among ``total_steps``: progress
+    p = clamp(step / (total_steps − 1), 0, 1), so the first update uses λ0 and the last λ1;
+    linear: λ0 + (λ1 − λ0)·p; cosine: λ0 + (λ1 − λ0)·(1 − cos πp)/2 (flat at both ends).
     """
     if "schedule" not in modes:
         return lambda0
-    p = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    p = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
     if shape == "linear":
         frac = p
     elif shape == "cosine":

@@ -111,12 +111,14 @@ def test_teacher_entropy_mode() -> None:
 
 
 def test_schedule_linear_and_cosine() -> None:
-    """λ0 = 0.2 -> λ1 = 1.0 over 6 steps, at step 2 (p = 1/3):
-    linear 0.2 + 0.8/3; cosine 0.2 + 0.8 (1 − cos(π/3))/2 = 0.2 + 0.8 · 1/4 = 0.4; ends: 0.2 and 1.0."""
-    kw = {"lambda0": 0.2, "lambda1": 1.0, "total_steps": 6}
+    """λ0 = 0.2 -> λ1 = 1.0 over 7 updates (steps 0..6), at step 2 (p = 2/6 = 1/3):
+    linear 0.2 + 0.8/3; cosine 0.2 + 0.8 (1 − cos(π/3))/2 = 0.2 + 0.8 · 1/4 = 0.4; the first update
+    (step 0) 0.2, the last (step 6) exactly 1.0."""
+    kw = {"lambda0": 0.2, "lambda1": 1.0, "total_steps": 7}
     assert codistill_lambda_base(("schedule",), shape="linear", step=2, **kw) == pytest.approx(0.2 + 0.8 / 3)
     assert codistill_lambda_base(("schedule",), shape="cosine", step=2, **kw) == pytest.approx(0.4)
     assert codistill_lambda_base(("schedule",), shape="cosine", step=0, **kw) == pytest.approx(0.2)
+    assert codistill_lambda_base(("schedule",), shape="linear", step=6, **kw) == 1.0  # the last update
     assert codistill_lambda_base(("schedule",), shape="linear", step=9, **kw) == pytest.approx(1.0)  # clamped
     student, teacher, labels = hand_case()
     loss, m = codistill_loss(
@@ -137,7 +139,7 @@ def test_schedule_times_confidence_combine() -> None:
         lambda1=1.0,
         schedule="cosine",
         step=2,
-        total_steps=6,
+        total_steps=7,
     )
     lams = (0.4 * P_GOLD[0], 0.4 * P_GOLD[1])  # (0.2, 0.1)
     close(m["lambda"], torch.tensor([lams]))
@@ -164,6 +166,32 @@ def test_topk_tail_bucket_by_hand() -> None:
     close(m["lambda"], torch.tensor([[0.5, 0.0]]))
     _, m = codistill_loss(student, labels, targets, modes=("teacher_entropy",), lambda0=1.0)
     close(m["lambda"], torch.tensor([[1 - LN(2) / LN(3)] * 2]))
+
+
+def test_topk_tail_bucket_by_hand_reverse_kl_jsd_and_temperature() -> None:
+    """The same top-1 targets as above, buckets (kept | tail): teacher t = (1/2, 1/2) at both tokens,
+    student s1 = (1/3, 2/3), s2 = (1/4, 3/4).
+
+    reverse KL(s‖t)  R1 = 1/3 ln(2/3) + 2/3 ln(4/3)             R2 = 1/4 ln(1/2) + 3/4 ln(3/2)
+    JSD(β=1/2)       m1 = (5/12, 7/12): J1 = 1/2 [1/2 ln(6/5) + 1/2 ln(6/7)] + 1/2 [1/3 ln(4/5) + 2/3 ln(8/7)]
+                     m2 = (3/8, 5/8):   J2 = 1/2 [1/2 ln(4/3) + 1/2 ln(4/5)] + 1/2 [1/4 ln(2/3) + 3/4 ln(6/5)]
+    τ = 2 with a teacher keeping class 0 at 0.8 (tail 0.2): the tail is tempered as one class,
+                     (0.8, 0.2)^(1/2) ∝ (2, 1) -> (2/3, 1/3); the student (uniform) stays uniform at τ,
+                     buckets (1/3, 2/3): soft = τ² KL = 4 [2/3 ln 2 + 1/3 ln(1/2)] = 4/3 ln 2.
+    """
+    student, _, labels = hand_case()
+    targets = TeacherTargets(
+        topk_logprobs=torch.tensor([[[LN(0.5)], [LN(0.5)]]]), topk_indices=torch.tensor([[[0], [1]]])
+    )
+    _, m = codistill_loss(student, labels, targets, lambda0=1.0, divergence="reverse_kl")
+    close(m["soft"], torch.tensor([[LN(2 / 3) / 3 + 2 / 3 * LN(4 / 3), 0.25 * LN(0.5) + 0.75 * LN(1.5)]]))
+    j1 = 0.5 * (0.5 * LN(6 / 5) + 0.5 * LN(6 / 7)) + 0.5 * (LN(4 / 5) / 3 + 2 / 3 * LN(8 / 7))
+    j2 = 0.5 * (0.5 * LN(4 / 3) + 0.5 * LN(4 / 5)) + 0.5 * (0.25 * LN(2 / 3) + 0.75 * LN(6 / 5))
+    _, m = codistill_loss(student, labels, targets, lambda0=1.0, divergence="jsd", jsd_beta=0.5)
+    close(m["soft"], torch.tensor([[j1, j2]]))
+    tempered = TeacherTargets(topk_logprobs=torch.tensor([[[LN(0.8)]]]), topk_indices=torch.tensor([[[0]]]))
+    _, m = codistill_loss(student[:, :1], labels[:, :1], tempered, lambda0=1.0, temperature=2.0)
+    close(m["soft"], torch.tensor([[4 / 3 * LN(2)]]))
 
 
 def random_case(
