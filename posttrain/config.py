@@ -296,9 +296,8 @@ class RewardSpec:
 
     name: str
     weight: float = 1.0
-    timeout_s: float | None = (
-        None  # per batch call; None: the reward's own default, else 30 s (<= 0: no limit)
-    )
+    # per batch call; None: the reward's own default, else 30 s (<= 0: no limit)
+    timeout_s: float | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward function
 
 
@@ -347,9 +346,8 @@ class EngineConfig:
     """The rollout engine. vLLM is the default; ``hf`` (transformers ``generate``) is opt-in only."""
 
     kind: Literal["vllm", "hf"] = "vllm"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
-        "auto"  # auto: float32 on CPU, checkpoint's on GPU
-    )
+    # auto: float32 on CPU, checkpoint's on GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enforce_eager: bool = True  # no torch.compile / CUDA graphs (fast start; the only mode tested on CPU)
     gpu_memory_utilization: float = 0.3  # GPU: share of GPU memory for vLLM when colocated with training
@@ -384,9 +382,8 @@ class CodistillConfig:
     dir is missing and ``teacher`` is set). λ_t: see ``posttrain.losses.codistill_loss``.
     """
 
-    teacher: ModelConfig | None = (
-        None  # a trained teacher: name_or_path (+ tokenizer: null), or arch + config
-    )
+    # a trained teacher: name_or_path (+ tokenizer: null), or arch + config
+    teacher: ModelConfig | None = None
     targets: str | None = None  # offline top-k targets dir (Arrow); when set, training reads these
     modes: tuple[Literal["fixed", "schedule", "teacher_confidence", "teacher_entropy"], ...] = ("fixed",)
     lambda0: float = 0.5  # λ for "fixed", or the schedule's start; scales the per-token modes
