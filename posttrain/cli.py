@@ -148,7 +148,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_validate(args: argparse.Namespace, argv: list[str]) -> int:
     recipe_name, overrides = _split_recipe_arg(args.overrides)
     recipe = compose(recipe_name, overrides)
-    from posttrain.pipeline import check_plugins
+    from posttrain.plugin_checks import check_plugins
 
     check_recipe(recipe)  # the expert-parallel layout against ranks and experts
     check_plugins(recipe)  # reward names, their extras and kwargs; data filter names

@@ -33,6 +33,7 @@ from posttrain.data import check_source, load_rows
 from posttrain.errors import UserError
 from posttrain.evaluate import evaluate
 from posttrain.models import build_model, check_model_path, load_checkpoint
+from posttrain.plugin_checks import check_plugins
 from posttrain.strategy import Strategy
 from posttrain.tracking import Tracker
 
@@ -147,19 +148,6 @@ def prepare_run_dir(recipe: Recipe, is_main: bool) -> Path:
 def _runner(kind: str) -> Callable[[StageContext], None]:
     module, _, fn = STAGE_RUNNERS[kind].partition(":")
     return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
-
-
-def check_plugins(recipe: Recipe) -> None:
-    """Every stage's rewards resolve (names, optional extras, cheap kwargs checks) and its data filters
-    exist — before any stage trains, so a typo fails now rather than after the stages before it."""
-    from posttrain.registry import DATA_FILTERS
-    from posttrain.reward_runner import bind_rewards
-
-    for cfg in recipe.stages.values():
-        if hasattr(cfg, "rewards"):
-            bind_rewards(cfg.rewards)
-        for name in getattr(cfg, "data_filters", ()):
-            DATA_FILTERS.get(name)
 
 
 def preflight(recipe: Recipe) -> None:
