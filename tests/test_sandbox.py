@@ -319,14 +319,27 @@ def test_memory_of_the_whole_process_tree_is_capped() -> None:
     assert r.peak_memory_mb is not None and r.peak_memory_mb <= 512
 
 
-def test_namespaces_mode_sees_no_host_processes_and_an_empty_tmp() -> None:
+def test_namespaces_mode_sees_no_host_processes_and_an_empty_tmp(tmp_path: Path) -> None:
+    """/tmp inside holds the run's own dir, plus — only when the interpreter lives under /tmp (a
+    checkout there) — its read-only directories; the host's temporary files are invisible."""
     if os.geteuid() != 0:
         pytest.skip("namespaces isolation needs root")
-    r = run_python(
-        "import os\nprint(os.getpid(), os.getppid())\nprint(sorted(os.listdir('/tmp')) == [os.getcwd().split('/')[2]])\n"
-        "print(os.getuid() >= 1_000_000, os.getcwd().startswith('/tmp/posttrain-sandbox-'))",
-        isolation="namespaces",
+    from posttrain.sandbox import _filesystem_plan
+
+    marker = Path("/tmp") / f"host-only-{uuid.uuid4().hex[:8]}"
+    marker.write_text("host")
+    interpreter = sorted(
+        {Path(d).parts[2] for d in _filesystem_plan()["reveal"] if Path(d).parts[1:2] == ("tmp",)}
     )
+    try:
+        r = run_python(
+            "import os\nprint(os.getpid(), os.getppid())\n"
+            f"print(sorted(os.listdir('/tmp')) == sorted([os.getcwd().split('/')[2], *{interpreter!r}]))\n"
+            "print(os.getuid() >= 1_000_000, os.getcwd().startswith('/tmp/posttrain-sandbox-'))",
+            isolation="namespaces",
+        )
+    finally:
+        marker.unlink()
     assert r.status == "ok", r.stderr
     pid, ppid = map(int, r.stdout.splitlines()[0].split())
     assert (pid, ppid) == (2, 1)  # PID 1 is the sandbox's reaper; the host's processes are not visible
