@@ -180,6 +180,19 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def first_difference(saved: Any, wanted: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first (dotted key, saved value, wanted value) where two plain trees differ (lists and tuples
+    compare by items), or None when they are equal."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        for k in list(saved) + [k for k in wanted if k not in saved]:
+            if d := first_difference(saved.get(k), wanted.get(k), f"{path}.{k}" if path else str(k)):
+                return d
+        return None
+    if isinstance(saved, list | tuple) and isinstance(wanted, list | tuple):
+        saved, wanted = list(saved), list(wanted)
+    return None if saved == wanted else (path, saved, wanted)
+
+
 # --------------------------------------------------------------------------------------------------
 # Shared sections
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from posttrain.config import Recipe, to_dict
+from posttrain.config import Recipe, first_difference, to_dict
 from posttrain.data import check_source, load_rows
 from posttrain.errors import UserError
 from posttrain.evaluate import evaluate
@@ -92,16 +92,6 @@ def _comparable(recipe: Recipe) -> dict[str, Any]:
     return d
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-            if d:
-                return d
-        return None
-    return None if a == b else f"{path}: {a!r} -> {b!r}"
-
-
 def _conflict(recipe: Recipe) -> str | None:
     """Why the run dir cannot simply be (re)used by this recipe, or None."""
     rd = run_dir(recipe)
@@ -110,8 +100,12 @@ def _conflict(recipe: Recipe) -> str | None:
         return None
     if (rd / "DONE").exists():
         return "is a finished run"
-    diff = _first_difference(yaml.safe_load(saved.read_text()), _comparable(recipe))
-    return f"holds an unfinished run of a different recipe ({diff})" if diff else None
+    diff = first_difference(yaml.safe_load(saved.read_text()), _comparable(recipe))
+    return (
+        f"holds an unfinished run of a different recipe ({diff[0]}: {diff[1]!r} -> {diff[2]!r})"
+        if diff
+        else None
+    )
 
 
 def check_run_dir(recipe: Recipe) -> None:

@@ -49,7 +49,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from posttrain.config import ConfigError, ModelConfig
+from posttrain.config import ConfigError, ModelConfig, first_difference
 from posttrain.data import IGNORE, Example, collate_padded
 from posttrain.losses import TeacherTargets
 from posttrain.models import build_model
@@ -256,9 +256,10 @@ class OfflineTargets:
         check_same_vocab(
             int(meta["vocab_size"]), str(meta["vocab_fingerprint"]), name, student_tokenizer, student_vocab
         )
-        if provenance is not None and (diff := _first_difference(meta.get("provenance", {}), provenance)):
+        if provenance is not None and (diff := first_difference(meta.get("provenance", {}), provenance)):
             raise ConfigError(
-                f"{p} holds teacher targets written for other settings ({diff}); delete the dir to have the "
+                f"{p} holds teacher targets written for other settings ({diff[0]}: {diff[1]!r} there, "
+                f"{diff[2]!r} here); delete the dir to have the "
                 "stage rewrite it, or point codistill.targets at a new dir"
             )
         return cls(datasets.load_from_disk(str(p)), meta)
@@ -384,17 +385,6 @@ def _weight_files(name_or_path: str | None) -> list[list[Any]]:
         f for pattern in ("*.safetensors", "*.bin") for f in Path(name_or_path).expanduser().glob(pattern)
     )
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def _first_difference(saved: Any, wanted: Any, path: str = "") -> str | None:
-    if isinstance(saved, dict) and isinstance(wanted, dict):
-        for k in list(saved) + [k for k in wanted if k not in saved]:
-            if d := _first_difference(saved.get(k), wanted.get(k), f"{path}.{k}" if path else str(k)):
-                return d
-        return None
-    if isinstance(saved, list | tuple) and isinstance(wanted, list | tuple):
-        saved, wanted = list(saved), list(wanted)
-    return None if saved == wanted else f"{path}: {saved!r} there, {wanted!r} here"
 
 
 if __name__ == "__main__":
