@@ -541,12 +541,10 @@ def policy_update(
             for part in parts[1:]:
                 for micro in chunk(part):
                     batch = _collate(micro, pad_id)
-                    logits = strategy.forward(
+                    fwd = strategy.forward(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-                    lp = token_logprobs(
-                        logits[:, :-1], batch["input_ids"][:, 1:].to(logits.device)
-                    ).cpu()  # [B, T-1]
+                    )
+                    lp = _next_token_logprobs(fwd.logits, batch)[1].cpu()  # [B, T-1]
                     for b, s in enumerate(micro):
                         s.old_logprobs = lp[b, s.n_prompt - 1 : len(s.ids) - 1].tolist()
 
@@ -559,13 +557,9 @@ def policy_update(
         for micro in chunk(part):
             batch = _collate(micro, pad_id)
             model_tokens += int(batch["attention_mask"].sum())
-            logits = strategy.forward(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits  # [B, T, V]
-            logits = logits[:, :-1]  # [B, T-1, V] predicts tokens 1..T-1
-            targets = batch["input_ids"][:, 1:].to(logits.device)  # [B, T-1]
+            fwd = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits, logprobs = _next_token_logprobs(fwd.logits, batch)  # [B, T-1, V], [B, T-1]
             mask = batch["completion_mask"][:, 1:].to(logits.device)  # [B, T-1]
-            logprobs = token_logprobs(logits, targets)  # [B, T-1]
             old = (
                 logprobs.detach()
                 if micro[0].old_logprobs is None
@@ -574,11 +568,11 @@ def policy_update(
             ref_logprobs = None
             if reference is not None:
                 with torch.no_grad():
-                    ref_logits = reference(
+                    ref_out = reference(
                         input_ids=batch["input_ids"].to(logits.device),
                         attention_mask=batch["attention_mask"].to(logits.device),
-                    ).logits
-                    ref_logprobs = token_logprobs(ref_logits[:, :-1], targets)  # [B, T-1]
+                    )
+                    ref_logprobs = _next_token_logprobs(ref_out.logits, batch)[1]  # [B, T-1]
             if cfg.loss.entropy_coef > 0:
                 entropy = entropy_from_logits(logits)  # [B, T-1]
             else:
@@ -633,6 +627,15 @@ def policy_update(
     if (norm := strategy.grad_norm()) is not None:
         out["train/grad_norm"] = norm
     return out
+
+
+def _next_token_logprobs(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A forward's logits [B, T, V] on a collated batch -> (logits [B, T-1, V] predicting tokens 1..T-1,
+    the log-probs of those tokens [B, T-1])."""
+    shifted = logits[:, :-1]
+    return shifted, token_logprobs(shifted, batch["input_ids"][:, 1:].to(shifted.device))
 
 
 def _collate(seqs: list[_Seq], pad_id: int) -> dict[str, torch.Tensor]:
