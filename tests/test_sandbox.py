@@ -32,7 +32,7 @@ MODES = [
     ),
     "audit",
 ]
-SANDBOX_UID_MIN = 1_000_000  # sandbox.py draws each run's uid from [1e6, 1e9 + 1e6)
+SANDBOX_UID_MIN = 1_000_000  # posttrain.sandbox draws each run's uid from [1e6, 1e9 + 1e6)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -237,7 +237,7 @@ def _sandbox_processes() -> list[str]:
             cmdline = Path(entry.path, "cmdline").read_bytes()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if uid >= SANDBOX_UID_MIN or b"sandbox_child.py" in cmdline:
+        if uid >= SANDBOX_UID_MIN or b"sandbox/child.py" in cmdline:
             found.append(f"{entry.name}: {cmdline[:80]!r}")
     return found
 

@@ -7,7 +7,15 @@
 
 Every call gets a fresh temporary working directory (deleted afterwards) and a new process
 session with wall-clock, CPU, memory, file-size and process-count limits; as root, a memory cgroup
-also caps the whole process tree. On timeout the whole process tree is killed. Two isolation modes (see ``posttrain/sandbox_child.py`` for the details):
+also caps the whole process tree. On timeout the whole process tree is killed.
+
+The trust boundary is ``posttrain/sandbox/child.py``: the process this module starts, which locks
+itself down and then runs the untrusted program in its own interpreter. It imports only the
+standard library (never posttrain), is started by file path with ``python -I -S``, and everything
+it runs after lockdown is treated as hostile. This module (the host side) never executes the
+program's code; it reads back only exit statuses and the capped output.
+
+Two isolation modes (see ``child.py`` for the details):
 
 - ``namespaces`` (root on Linux; what ``auto`` picks when it works): no network (an empty network
   namespace), a read-only view of the filesystem with /tmp and friends replaced by empty tmpfs
@@ -45,7 +53,7 @@ from typing import Any, BinaryIO, Literal
 log = logging.getLogger(__name__)
 
 Isolation = Literal["auto", "namespaces", "audit"]
-_CHILD = str(Path(__file__).with_name("sandbox_child.py"))
+_CHILD = str(Path(__file__).with_name("child.py"))  # run by path, never imported by the host
 _SETUP_FAILED = 125
 _SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 

@@ -1,6 +1,7 @@
 """The process that ``posttrain.sandbox`` starts: it locks itself down, then runs the program.
 
-Run as ``python -I sandbox_child.py CONFIG_JSON`` (stdlib only; it never imports posttrain).
+Run as ``python -I -S posttrain/sandbox/child.py CONFIG_JSON`` (by file path; stdlib only, it never
+imports posttrain, so it does not depend on where the package lives or on its imports).
 The host reads one line per event from the report pipe: ``ready`` once isolation is in place,
 then ``exit N`` or ``signal N`` for the program. Anything else (or nothing) means setup failed,
 and the reason is on stderr.
