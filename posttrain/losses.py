@@ -175,11 +175,24 @@ def grpo_loss(
 # entropy over the K kept tokens + the tail bucket — a lower bound of the full entropy, so
 # teacher_entropy's λ is at least the full-logits one (equal at K = V).
 # λ_t is a constant of the loss (it depends on the teacher only), so no gradient flows through it.
+#
+# The classes D compares. Both models are first reduced to the same C classes at temperature 1 —
+# all V tokens (teacher logits), or the K kept tokens + one tail bucket (top-k targets: the teacher's
+# tail is 1 − Σ top-k probs, the student's its exact mass of the non-kept tokens) — and only then
+# tempered, both in the same way, as C-class distributions: q_τ(c) = q(c)^(1/τ) / Σ_c' q(c')^(1/τ).
+# So D = D(temper_τ(merge(teacher)) ‖ temper_τ(merge(student))), which is 0 whenever the merged
+# distributions agree (a student equal to its teacher gets no soft loss and no gradient, at every τ:
+# tempering is one-to-one on C-class distributions). With C = V this is exactly D(teacher_τ ‖
+# student_τ) of the full vocabulary. With a tail at τ = 1 it is a lower bound of the full-vocabulary
+# D (merging classes never increases KL or JSD); at τ ≠ 1 it is not a bound either way, because
+# tempering the merged tail, (Σ_tail p)^(1/τ), is not merging the tempered tail tokens, Σ_tail p^(1/τ)
+# (the teacher's individual tail tokens are unknown, so the second cannot be formed).
 
 CODISTILL_MODES = ("fixed", "schedule", "teacher_confidence", "teacher_entropy")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-# log of the smallest positive float32: where the teacher has exactly zero mass (an empty top-k tail),
-# reverse KL and JSD read this instead of −inf.
+# log of the smallest positive float32: where the teacher has exactly zero mass (log-prob −inf, e.g.
+# an empty top-k tail), reverse KL and JSD read this instead of −inf. Finite log-probs, however
+# negative, are used as they are.
 LOG_FLOOR = -87.0
 
 
@@ -192,11 +205,17 @@ class TeacherTargets:
     whole vocabulary, so their exp sums to <= 1) of the token ids in ``topk_indices`` [B, T, K].
 
     Missing mass of the top-k path: the tokens outside the top k are merged into one *tail bucket*.
-    The teacher's tail mass is ``1 − Σ exp(topk_logprobs)``; the student's is its exact probability of
-    all non-kept tokens. The divergence is then taken over K + 1 classes, which, for KL and JSD, is a
-    lower bound of the divergence over the full vocabulary (merging classes never increases it); at
-    temperature τ the tail is tempered as one class (mass^(1/τ)). With K = V there is no tail and the
-    result equals the full-logits path.
+    The teacher's tail mass is ``1 − Σ exp(topk_logprobs)`` (0 where the top k hold all the mass); the
+    student's is its exact temperature-1 probability of all non-kept tokens. Both models are thus
+    reduced to the same K + 1 classes at temperature 1, and at temperature τ both K + 1-class
+    distributions are tempered identically, q_τ(c) ∝ q(c)^(1/τ) — the student's kept tokens and tail
+    too, not its full-vocabulary softmax(z/τ). The soft term is D over those K + 1 tempered classes:
+    0 when the student's K + 1 classes equal the teacher's (tempering is one-to-one), so a student
+    identical to its teacher gets no soft loss or gradient at any τ. At τ = 1 it is a lower bound of the
+    full-vocabulary divergence for KL and JSD (merging classes never increases it); at τ ≠ 1 it is
+    neither that divergence nor a bound of it (the tail is tempered as one class, (Σ_tail p)^(1/τ),
+    where the full vocabulary would temper each tail token). With K = V there is no tail and the result
+    equals the full-logits path at every τ.
     """
 
     logits: Tensor | None = None  # [B, T, V]
@@ -242,16 +261,28 @@ def _check_modes(modes: tuple[str, ...]) -> None:
         raise ValueError("codistill modes: 'fixed' and 'schedule' both set the base λ; pick one")
 
 
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − exp(x)) for x ≤ 0, accurate near 0 and far below it; −inf at x = 0."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _temper(logp: Tensor, temperature: float) -> Tensor:
+    """A C-class distribution (log-probs on the last axis) at temperature τ: log of q^(1/τ) / Σ q^(1/τ)."""
+    return F.log_softmax(logp / temperature, dim=-1)
+
+
 def _teacher_classes(
-    student_logits: Tensor, teacher: TeacherTargets, labels: Tensor, temperature: float
+    student_logp: Tensor, teacher: TeacherTargets, labels: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Teacher and student over the classes the divergence compares (V, or K kept + 1 tail).
 
-    Returns (teacher log-probs at τ [B,T,C], student log-probs at τ [B,T,C],
+    ``student_logp`` [B, T, V] is the student's log-softmax at temperature 1. Both models are reduced
+    to the same C classes at temperature 1 and then tempered the same way (``_temper``).
+
+    Returns (teacher log-probs at τ [B,T,C], student log-probs at τ [B,T,C] (float64 for top-k),
     teacher p(gold) at τ=1 [B,T], teacher entropy at τ=1 [B,T], teacher argmax id [B,T]).
     """
-    vocab = student_logits.shape[-1]
-    student_tau = F.log_softmax(_fp32_or_wider(student_logits) / temperature, dim=-1)  # [B, T, V]
+    vocab = student_logp.shape[-1]
     gold = labels.clamp_min(0).unsqueeze(-1)  # [B, T, 1]
     if teacher.logits is not None:
         t_logits = _fp32_or_wider(teacher.logits.detach())  # [B, T, V]
@@ -261,10 +292,10 @@ def _teacher_classes(
                 "codistillation needs teacher and student to share one tokenizer"
             )
         t_logp1 = F.log_softmax(t_logits, dim=-1)  # [B, T, V]
-        t_tau = F.log_softmax(t_logits / temperature, dim=-1)  # [B, T, V]
         p_gold = t_logp1.gather(-1, gold).squeeze(-1).exp()  # [B, T]
         entropy = -torch.xlogy(t_logp1.exp(), t_logp1.exp()).sum(-1)  # [B, T]
-        return t_tau, student_tau, p_gold, entropy, t_logits.argmax(-1)
+        t_tau, s_tau = _temper(t_logp1, temperature), _temper(student_logp, temperature)  # softmax(z/τ) each
+        return t_tau, s_tau, p_gold, entropy, t_logits.argmax(-1)
 
     assert teacher.topk_logprobs is not None and teacher.topk_indices is not None
     values = _fp32_or_wider(teacher.topk_logprobs.detach())  # [B, T, K]
@@ -275,35 +306,53 @@ def _teacher_classes(
             f"teacher top-k targets index a vocabulary of >= {max(k, int(index.max()) + 1)} tokens but the "
             f"student's has {vocab}; codistillation needs teacher and student to share one tokenizer"
         )
-    s_kept = student_tau.gather(-1, index)  # [B, T, K]
     p_gold = (values.exp() * (index == gold)).sum(-1)  # [B, T]; 0 when the gold token is not in the top k
     argmax = index.gather(-1, values.argmax(-1, keepdim=True)).squeeze(-1)  # [B, T]
-    if k == vocab:  # no tail
-        t_logp1, s_classes = values, s_kept
-    else:
-        tail_mass = (1.0 - values.exp().sum(-1, keepdim=True)).clamp_min(0.0)  # [B, T, 1]
-        t_logp1 = torch.cat([values, tail_mass.log()], dim=-1)  # [B, T, K+1]
-        s_tail = student_tau.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)  # [B, T, 1]
-        s_classes = torch.cat([s_kept, s_tail], dim=-1)  # [B, T, K+1]
-    t_tau = F.log_softmax(t_logp1 / temperature, dim=-1)  # [B, T, C]
-    entropy = -torch.xlogy(t_logp1.exp(), t_logp1.exp()).sum(-1)  # [B, T]
-    return t_tau, s_classes, p_gold, entropy, argmax
+    # The K (+ 1) classes in float64 (few, so cheap): tempering and the divergence then add no rounding
+    # of their own, and a student equal to its teacher gets 0, not float32 noise times τ².
+    t_logp1 = values.double()  # [B, T, K]
+    s_logp1 = student_logp.gather(-1, index).double()  # [B, T, K], temperature 1
+    if k < vocab:
+        # the teacher's tail log(1 − Σ top-k probs), from log Σ: exact for the stored log-probs even when
+        # tiny (1 − Σ exp in float32 rounds a tail below ~1e-7 to 0); −inf only when the top k hold it all
+        kept_mass = t_logp1.logsumexp(-1, keepdim=True).clamp_max(0.0)  # [B, T, 1]
+        t_logp1 = torch.cat([t_logp1, _log1mexp(kept_mass)], dim=-1)  # [B, T, K+1]
+        s_rest = student_logp.scatter(-1, index, float("-inf"))  # [B, T, V], the kept ids at −inf
+        empty = torch.isneginf(s_rest).all(-1, keepdim=True)  # [B, T, 1]: no student tail mass at all
+        s_rest = torch.where(empty, torch.zeros_like(s_rest), s_rest)  # logsumexp of all −inf: NaN grads
+        s_tail = torch.where(empty, float("-inf"), s_rest.logsumexp(-1, keepdim=True))  # [B, T, 1]
+        s_logp1 = torch.cat([s_logp1, s_tail.double()], dim=-1)  # [B, T, K+1]
+    entropy = -torch.xlogy(t_logp1.exp(), t_logp1.exp()).sum(-1).to(values.dtype)  # [B, T]
+    return _temper(t_logp1, temperature), _temper(s_logp1, temperature), p_gold, entropy, argmax
+
+
+def _weighted(p: Tensor, log_ratio: Tensor) -> Tensor:
+    """p · log_ratio per class, 0 where p = 0 (whatever log_ratio is, ±inf or NaN), gradients finite."""
+    return p * torch.where(p == 0, torch.zeros_like(log_ratio), log_ratio)
 
 
 def _divergence(t_logp: Tensor, s_logp: Tensor, kind: str, beta: float) -> Tensor:
-    """D over the last axis of two log-distributions [B, T, C] -> [B, T]. Zero-probability terms add 0."""
+    """D over the last axis of two log-distributions [B, T, C] -> [B, T]. Zero-probability terms add 0.
+
+    Each term is p · (log p − log q), the difference taken per class, so equal inputs give exactly 0.
+    Reverse KL and JSD read ``LOG_FLOOR`` for log t only where the teacher has zero mass (log t = −inf);
+    every finite log t is used as it is."""
     t_p, s_p = t_logp.exp(), s_logp.exp()
     if kind == "forward_kl":  # KL(teacher ‖ student) = Σ t (log t − log s)
-        return (torch.xlogy(t_p, t_p) - t_p * s_logp).sum(-1)
-    t_floor = t_logp.clamp_min(LOG_FLOOR)
+        return _weighted(t_p, t_logp - s_logp).sum(-1)
+    t_floor = torch.where(torch.isneginf(t_logp), torch.full_like(t_logp, LOG_FLOOR), t_logp)
     if kind == "reverse_kl":  # KL(student ‖ teacher) = Σ s (log s − log t)
-        return (s_p * (s_logp - t_floor)).sum(-1)
+        return _weighted(s_p, s_logp - t_floor).sum(-1)
     if kind == "jsd":  # β·KL(t ‖ m) + (1 − β)·KL(s ‖ m), m = β t + (1 − β) s  (GKD's generalized JSD)
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd_beta must be in (0, 1), got {beta}; at 0 or 1 use forward_kl/reverse_kl")
-        log_m = torch.logsumexp(torch.stack([t_floor + math.log(beta), s_logp + math.log1p(-beta)]), dim=0)
-        kl_t = (torch.xlogy(t_p, t_p) - t_p * log_m).sum(-1)
-        kl_s = (s_p * (s_logp - log_m)).sum(-1)
+        log_b, log_1b = torch.full_like(t_floor, math.log(beta)), torch.full_like(t_floor, math.log1p(-beta))
+        # where s = 0 its log-ratio is weighted by 0; a finite stand-in keeps that term's gradient finite
+        s_safe = torch.where(torch.isneginf(s_logp), torch.zeros_like(s_logp), s_logp)
+        m_over_t = torch.logaddexp(log_b, log_1b + (s_logp - t_floor))  # log(m/t) = log(β + (1 − β) s/t)
+        m_over_s = torch.logaddexp(log_b + (t_floor - s_safe), log_1b)  # log(m/s) = log(β t/s + 1 − β)
+        kl_t = _weighted(t_p, -m_over_t).sum(-1)
+        kl_s = _weighted(s_p, -m_over_s).sum(-1)
         return beta * kl_t + (1.0 - beta) * kl_s
     raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(DIVERGENCES)}")
 
@@ -339,8 +388,8 @@ def codistill_loss(
     mask = labels != ignore_index  # [B, T]
     logp = F.log_softmax(_fp32_or_wider(student_logits), dim=-1)  # [B, T, V]
     hard = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T]
-    t_tau, s_tau, p_gold, entropy, argmax = _teacher_classes(student_logits, teacher, labels, temperature)
-    soft = temperature**2 * _divergence(t_tau, s_tau, divergence, jsd_beta)  # [B, T]
+    t_tau, s_tau, p_gold, entropy, argmax = _teacher_classes(logp, teacher, labels, temperature)
+    soft = (temperature**2 * _divergence(t_tau, s_tau, divergence, jsd_beta)).to(hard.dtype)  # [B, T]
 
     base = codistill_lambda_base(modes, lambda0, lambda1, schedule, step, total_steps)
     lam = torch.full_like(hard, base)  # [B, T]

@@ -175,9 +175,13 @@ def test_topk_tail_bucket_by_hand_reverse_kl_jsd_and_temperature() -> None:
     reverse KL(s‖t)  R1 = 1/3 ln(2/3) + 2/3 ln(4/3)             R2 = 1/4 ln(1/2) + 3/4 ln(3/2)
     JSD(β=1/2)       m1 = (5/12, 7/12): J1 = 1/2 [1/2 ln(6/5) + 1/2 ln(6/7)] + 1/2 [1/3 ln(4/5) + 2/3 ln(8/7)]
                      m2 = (3/8, 5/8):   J2 = 1/2 [1/2 ln(4/3) + 1/2 ln(4/5)] + 1/2 [1/4 ln(2/3) + 3/4 ln(6/5)]
-    τ = 2 with a teacher keeping class 0 at 0.8 (tail 0.2): the tail is tempered as one class,
-                     (0.8, 0.2)^(1/2) ∝ (2, 1) -> (2/3, 1/3); the student (uniform) stays uniform at τ,
-                     buckets (1/3, 2/3): soft = τ² KL = 4 [2/3 ln 2 + 1/3 ln(1/2)] = 4/3 ln 2.
+    τ = 2 with a teacher keeping class 0 at 0.8 (tail 0.2), student uniform: both are reduced to the
+    buckets (kept | tail) at τ = 1 and those are tempered the same way, q^(1/2) renormalised:
+                     teacher (0.8, 0.2)^(1/2) ∝ (2, 1)  -> (2/3, 1/3)
+                     student (1/3, 2/3)^(1/2) ∝ (1, √2) -> (1, √2) / (1 + √2)
+                     soft = τ² KL = 4 [2/3 ln(2/3 · (1 + √2)) + 1/3 ln(1/3 · (1 + √2)/√2)]
+                          = 4 [ln((1 + √2)/3) + 2/3 ln 2 − 1/6 ln 2] = 4 ln((1 + √2) √2 / 3)
+                          = 4 ln((2 + √2)/3) ≈ 0.5173
     """
     student, _, labels = hand_case()
     targets = TeacherTargets(
@@ -191,7 +195,50 @@ def test_topk_tail_bucket_by_hand_reverse_kl_jsd_and_temperature() -> None:
     close(m["soft"], torch.tensor([[j1, j2]]))
     tempered = TeacherTargets(topk_logprobs=torch.tensor([[[LN(0.8)]]]), topk_indices=torch.tensor([[[0]]]))
     _, m = codistill_loss(student[:, :1], labels[:, :1], tempered, lambda0=1.0, temperature=2.0)
-    close(m["soft"], torch.tensor([[4 / 3 * LN(2)]]))
+    close(m["soft"], torch.tensor([[4 * LN((2 + math.sqrt(2)) / 3)]]))
+
+
+def test_topk_at_temperature_2_by_hand() -> None:
+    """V = 4, top-2 targets, τ = 2, one position.
+
+    teacher probs (36, 9, 3, 1)/49: kept ids 0, 1 with 36/49, 9/49; tail 1 − 45/49 = 4/49
+    student probs (4, 4, 1/2, 1/2)/9: kept 4/9, 4/9; tail 1/9
+    Each side's 3 classes (kept, kept, tail) at τ = 1, tempered as 3-class distributions, q^(1/2)
+    renormalised:
+        teacher (36, 9, 4)/49 -> (6, 3, 2)/7 -> t = (6, 3, 2)/11
+        student (4, 4, 1)/9   -> (2, 2, 1)/3 -> s = (2, 2, 1)/5
+    forward  4 KL(t‖s) = 4 [6/11 ln((6/11)/(2/5)) + 3/11 ln((3/11)/(2/5)) + 2/11 ln((2/11)/(1/5))]
+                       = 4 [6/11 ln(15/11) + 3/11 ln(15/22) + 2/11 ln(10/11)]             ≈ 0.1896
+    reverse  4 KL(s‖t) = 4 [2/5 ln(11/15) + 2/5 ln(22/15) + 1/5 ln(11/10)]                 ≈ 0.1928
+    JSD(β=1/2)  m = (t + s)/2 = (52, 37, 21)/110
+             KL(t‖m) = 6/11 ln(60/52) + 3/11 ln(30/37) + 2/11 ln(20/21)
+             KL(s‖m) = 2/5 ln(44/52) + 2/5 ln(44/37) + 1/5 ln(22/21);   soft = 4 · (KL(t‖m) + KL(s‖m))/2
+    A student with probs (36, 9, 2, 2)/49 has the teacher's classes (36, 9, 4)/49: soft 0 for each D,
+    although its tail tokens differ from the teacher's (3, 1)/49 — only the kept ids and the tail's
+    total are compared.
+    """
+    teacher = torch.tensor([36 / 49, 9 / 49, 3 / 49, 1 / 49], dtype=torch.float64).log()
+    targets = TeacherTargets(
+        topk_logprobs=teacher[:2].reshape(1, 1, 2), topk_indices=torch.tensor([[[0, 1]]])
+    )
+    student = torch.tensor([[[4 / 9, 4 / 9, 1 / 18, 1 / 18]]], dtype=torch.float64).log()
+    labels = torch.tensor([[0]])
+    kl_tm = 6 / 11 * LN(60 / 52) + 3 / 11 * LN(30 / 37) + 2 / 11 * LN(20 / 21)
+    kl_sm = 2 / 5 * LN(44 / 52) + 2 / 5 * LN(44 / 37) + 1 / 5 * LN(22 / 21)
+    want = {
+        "forward_kl": 4 * (6 / 11 * LN(15 / 11) + 3 / 11 * LN(15 / 22) + 2 / 11 * LN(10 / 11)),
+        "reverse_kl": 4 * (2 / 5 * LN(11 / 15) + 2 / 5 * LN(22 / 15) + 1 / 5 * LN(11 / 10)),
+        "jsd": 4 * (kl_tm + kl_sm) / 2,
+    }
+    assert want["forward_kl"] == pytest.approx(0.1896, abs=1e-4)
+    assert want["reverse_kl"] == pytest.approx(0.1928, abs=1e-4)
+    same_classes = torch.tensor([[[36 / 49, 9 / 49, 2 / 49, 2 / 49]]], dtype=torch.float64).log()
+    for divergence, soft in want.items():
+        kw = {"lambda0": 1.0, "temperature": 2.0, "divergence": divergence, "jsd_beta": 0.5}
+        _, m = codistill_loss(student, labels, targets, **kw)  # type: ignore[arg-type]
+        close(m["soft"], [[soft]], tol=1e-9)
+        _, m = codistill_loss(same_classes, labels, targets, **kw)  # type: ignore[arg-type]
+        close(m["soft"], [[0.0]], tol=1e-12)
 
 
 def random_case(
@@ -232,6 +279,39 @@ def test_topk_with_k_equal_vocab_matches_full_logits(divergence: str, temperatur
         close(m_topk[key], m_full[key])
     close(grads[1], grads[0])
     assert loss_full[0, 0] == 0 and not m_full["mask"][0, 0]  # the ignored position adds nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("k", [1, 5, 50, 0], ids=["top1", "top5", "topV", "logits"])
+def test_student_equal_to_teacher_gets_no_soft_loss_or_gradient(
+    divergence: str, temperature: float, k: int, dtype: torch.dtype
+) -> None:
+    """V = 50; top-k targets built as ``posttrain.teacher`` builds them (top-k of the teacher's
+    log-softmax; k = 0: full logits). A student with the teacher's logits has the teacher's classes, so
+    every divergence is 0 at every τ, and so is its gradient (λ = 1: the soft part only). When the
+    teacher's tail was tempered as one class and the student's token by token, this case gave soft
+    losses of 0.01–12 with k < V at τ ≠ 1.
+
+    In float32 the gradient is only 0 up to rounding, bounded by 1e-5 here: the teacher's tail
+    1 − Σ top-k is known to ~1e-7 (the stored log-probs' precision) while the student's is exact, and
+    tempering magnifies the relative difference of a small tail (5e-4 at one position of this seed)."""
+    g = torch.Generator().manual_seed(18)
+    logits = (torch.randn(2, 3, 50, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 50, (2, 3), generator=g)
+    if k:
+        values, index = torch.topk(F.log_softmax(logits, -1), k=k, dim=-1)
+        targets = TeacherTargets(topk_logprobs=values, topk_indices=index)
+    else:
+        targets = TeacherTargets(logits=logits)
+    student = logits.clone().requires_grad_(True)
+    loss, m = codistill_loss(
+        student, labels, targets, lambda0=1.0, temperature=temperature, divergence=divergence, jsd_beta=0.3
+    )
+    loss.sum().backward()
+    assert float(m["soft"].abs().max()) <= 1e-6
+    assert float(student.grad.abs().max()) <= (1e-6 if dtype == torch.float64 else 1e-5)  # type: ignore[union-attr]
 
 
 def naive_divergence(t: list[float], s: list[float], kind: str, beta: float) -> float:
@@ -280,6 +360,93 @@ def test_matches_naive_loop_on_random_inputs(divergence: str) -> None:
                 t_tau, s_tau, divergence, beta
             )
             assert float(loss[b, t]) == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_topk_matches_naive_loop_on_random_inputs(divergence: str) -> None:
+    """Top-3 of V = 7 at τ = 1.7, one class at a time: the K + 1 classes at τ = 1 (the kept tokens, the
+    teacher's tail 1 − Σ kept, the student's tail Σ non-kept), each raised to 1/τ and renormalised."""
+    student, teacher, labels = random_case(seed=7)
+    student, teacher = student.double(), teacher.double()
+    tau, beta = 1.7, 0.3
+    values, index = torch.topk(F.log_softmax(teacher, -1), k=3, dim=-1)
+    _, m = codistill_loss(
+        student,
+        labels,
+        TeacherTargets(topk_logprobs=values, topk_indices=index),
+        lambda0=1.0,
+        temperature=tau,
+        divergence=divergence,
+        jsd_beta=beta,
+    )
+    for b in range(student.shape[0]):
+        for t in range(student.shape[1]):
+            kept = index[b, t].tolist()
+            s1 = F.softmax(student[b, t], -1).tolist()
+            t_cls = [math.exp(x) for x in values[b, t].tolist()]
+            t_cls.append(1 - sum(t_cls))
+            s_cls = [s1[i] for i in kept] + [sum(p for i, p in enumerate(s1) if i not in kept)]
+
+            def temper(q: list[float]) -> list[float]:
+                w = [x ** (1 / tau) for x in q]
+                return [x / sum(w) for x in w]
+
+            want = tau**2 * naive_divergence(temper(t_cls), temper(s_cls), divergence, beta)
+            assert float(m["soft"][b, t]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(("dtype", "low"), [(torch.float32, -95.0), (torch.float64, -100.0)])
+def test_reverse_kl_reads_finite_teacher_log_probs_as_they_are(dtype: torch.dtype, low: float) -> None:
+    """Teacher logits (0, L) with L below LOG_FLOOR = −87 but finite: log t = (−ln(1 + e^L), L − ln(1 + e^L))
+    ≈ (0, L). Student uniform (1/2, 1/2):
+        KL(s‖t) = 1/2 ln((1/2)/1) + 1/2 (ln(1/2) − L) = ln(1/2) − L/2
+    = 46.807 at L = −95, 49.307 at L = −100 (flooring log t at −87 would give 42.807 for both).
+    The same from top-1 targets in float64: the kept log-prob ln(1 − e^−100) ≈ −3.7e-44 leaves the
+    tail e^−100, log −100 (computing 1 − Σ exp in floating point would round that tail to 0)."""
+    teacher = torch.tensor([[[0.0, low]]], dtype=dtype)
+    student = torch.zeros(1, 1, 2, dtype=dtype)
+    labels = torch.tensor([[0]])
+    _, m = codistill_loss(
+        student, labels, TeacherTargets(logits=teacher), lambda0=1.0, divergence="reverse_kl"
+    )
+    close(m["soft"], [[LN(0.5) - low / 2]], tol=1e-6)
+    if dtype == torch.float64:
+        kept = torch.tensor([[[math.log1p(-math.exp(low))]]], dtype=dtype)
+        targets = TeacherTargets(topk_logprobs=kept, topk_indices=torch.tensor([[[0]]]))
+        _, m = codistill_loss(student, labels, targets, lambda0=1.0, divergence="reverse_kl")
+        close(m["soft"], [[LN(0.5) - low / 2]], tol=1e-9)
+
+
+def test_empty_topk_tail_gives_finite_values_and_gradients() -> None:
+    """V = 3, top-1 targets holding all the teacher's mass (log-prob 0): the tail bucket is empty,
+    log t = −inf. Buckets (kept | tail): teacher (1, 0); student probs (1/2, 1/4, 1/4) -> (1/2, 1/2); τ = 1:
+      forward  KL(t‖s) = 1 · ln(1/(1/2)) = ln 2                           (the empty bucket adds 0)
+      reverse  KL(s‖t) = 1/2 ln(1/2) + 1/2 (ln(1/2) − LOG_FLOOR) = ln(1/2) + 43.5
+               (truly +inf — the student has mass where the teacher has none; only there does the
+               floor stand in for log 0)
+      JSD(β=1/2)  m = (3/4, 1/4): 1/2 ln(4/3) + 1/2 [1/2 ln(2/3) + 1/2 ln 2] = 3/4 ln(4/3)
+               (exact: the floor moves m's tail by e^−87 / 2)
+    Values and gradients stay finite at τ = 2 too, and with a student that has no tail mass either
+    (logits (0, −inf, −inf)): there every divergence is 0.
+    """
+    targets = TeacherTargets(
+        topk_logprobs=torch.zeros(1, 1, 1), topk_indices=torch.zeros(1, 1, 1, dtype=torch.long)
+    )
+    labels = torch.tensor([[0]])
+    want = {"forward_kl": LN(2), "reverse_kl": LN(0.5) + 43.5, "jsd": 0.75 * LN(4 / 3)}
+    for divergence, soft in want.items():
+        for tau in (1.0, 2.0):
+            for probs in ([0.5, 0.25, 0.25], [1.0, 0.0, 0.0]):
+                student = torch.tensor([[probs]]).log().requires_grad_(True)
+                loss, m = codistill_loss(
+                    student, labels, targets, lambda0=1.0, temperature=tau, divergence=divergence
+                )
+                loss.sum().backward()
+                assert torch.isfinite(m["soft"]).all() and torch.isfinite(student.grad).all()  # type: ignore[arg-type]
+                if probs[2] == 0.0:
+                    close(m["soft"], [[0.0]])
+                elif tau == 1.0:
+                    close(m["soft"], [[soft]])
 
 
 @pytest.mark.parametrize("kind", ["full", "topk"])
