@@ -57,11 +57,12 @@ from typing import Any
 import torch
 import yaml
 
-from posttrain.config import ModelConfig, TinyTaskConfig, parse
-from posttrain.data import IGNORE, Example, collate_padded, encode_sft
+from posttrain.config import ModelConfig, TinyTaskConfig
+from posttrain.data import Example, collate_padded, encode_sft
 from posttrain.evaluate import generate
-from posttrain.losses import TeacherTargets, aggregate, codistill_loss, shift_for_next_token
+from posttrain.losses import IGNORE_INDEX, TeacherTargets, aggregate, codistill_loss, shift_for_next_token
 from posttrain.models import build_model
+from posttrain.schema import parse
 from posttrain.tasks import generate_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def teacher_probs(ex: Example, prompt: str, tok: Any, args: argparse.Namespace) 
     intended = [tok.convert_tokens_to_ids(c) for c in answer] + [tok.eos_token_id]
     letters = sorted({tok.convert_tokens_to_ids(c) for c in s})
     probs = torch.full((len(ex.input_ids) - 1, vocab), 1.0 / vocab)  # [L-1, V]; non-loss rows: uniform
-    rows = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != IGNORE]
+    rows = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != IGNORE_INDEX]
     assert len(rows) == len(intended)
     for t, want in zip(rows, intended, strict=True):
         others = [i for i in letters if i != want]

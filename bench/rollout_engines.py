@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from posttrain.config import EngineConfig, ModelConfig, SamplingConfig, parse
+from posttrain.config import EngineConfig, ModelConfig, SamplingConfig
 from posttrain.models import build_model
 from posttrain.rollout import HFEngine, VLLMEngine, refresh_fused_moe_weights
+from posttrain.schema import parse
 from posttrain.tasks import make_problem
 from posttrain.types import RolloutGroup, Sample
 

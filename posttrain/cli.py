@@ -1,7 +1,9 @@
 """``posttrain`` command line: a small argparse front over Hydra's compose API.
 
     posttrain run recipe=NAME [key=value …]       compose, check, run (or resume) the pipeline
-    posttrain validate recipe=NAME [key=value …]  compose and check (schema, EP layout, plugins); loads no model
+    posttrain validate recipe=NAME [key=value …]  compose and check (schema, EP layout, model dirs, plugins,
+                                                  data files); loads no model
+    posttrain teacher-targets recipe=NAME stage=S write a distill stage's offline teacher targets
     posttrain recipes                             list shipped recipes with their descriptions
     posttrain rewards [check NAME --data F]       list / try reward plugins
 
@@ -22,9 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.config import ConfigError, Recipe, parse_recipe, to_dict
+from posttrain.config import Recipe, parse_recipe
 from posttrain.errors import UserError
-from posttrain.parallel import check_recipe
+from posttrain.preflight import preflight
+from posttrain.schema import ConfigError, to_dict
 
 
 def recipes_dir() -> Path:
@@ -126,8 +129,8 @@ def _launch_ranks(recipe: Recipe, argv: list[str]) -> int:
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = compose(*_split_recipe_arg(args.overrides))
-    if "LOCAL_RANK" not in os.environ:  # posttrain starts the ranks: check the layout before they start
-        check_recipe(recipe)
+    if "LOCAL_RANK" not in os.environ:  # posttrain starts the ranks: check everything before they start
+        preflight(recipe)
     if recipe.launcher.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_ranks(recipe, argv)
     if recipe.launcher.nnodes > 1 and "LOCAL_RANK" not in os.environ:
@@ -148,14 +151,25 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_validate(args: argparse.Namespace, argv: list[str]) -> int:
     recipe_name, overrides = _split_recipe_arg(args.overrides)
     recipe = compose(recipe_name, overrides)
-    from posttrain.plugin_checks import check_plugins
-
-    check_recipe(recipe)  # the expert-parallel layout against ranks and experts
-    check_plugins(recipe)  # reward names, their extras and kwargs; data filter names
+    preflight(recipe)  # EP layout, model dirs, plugins, data files: everything that loads no model
     print(yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip())
     print(
         f"recipe '{recipe_name}' is valid: {len(recipe.stages)} stage(s): {', '.join(f'{n} ({s.type})' for n, s in recipe.stages.items())}"
     )
+    return 0
+
+
+def cmd_teacher_targets(args: argparse.Namespace, argv: list[str]) -> int:
+    """Write the offline teacher targets of one distill stage (the stage also writes them itself when
+    its ``codistill.targets`` dir does not exist)."""
+    stage = next((a.split("=", 1)[1] for a in args.overrides if a.startswith("stage=")), None)
+    if not stage:
+        raise ConfigError("name the stage: posttrain teacher-targets recipe=NAME stage=STAGE [key=value …]")
+    recipe = compose(*_split_recipe_arg([a for a in args.overrides if not a.startswith("stage=")]))
+    preflight(recipe)
+    from posttrain.teacher import write_stage_targets
+
+    print(f"wrote teacher targets to {write_stage_targets(recipe, stage)}")
     return 0
 
 
@@ -175,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help_ in [
         ("run", cmd_run, "run (or resume) a recipe: posttrain run recipe=NAME [key=value …]"),
         ("validate", cmd_validate, "compose and check a recipe without loading a model"),
+        (
+            "teacher-targets",
+            cmd_teacher_targets,
+            "write a distill stage's offline teacher targets: recipe=NAME stage=STAGE [key=value …]",
+        ),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("overrides", nargs="*", help="recipe=NAME, then Hydra overrides key=value")
@@ -190,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        result = args.func(args, argv) if args.command in ("run", "validate", "recipes") else args.func(args)
+        result = (
+            args.func(args, argv)
+            if args.command in ("run", "validate", "recipes", "teacher-targets")
+            else args.func(args)
+        )
         return int(result or 0)
     except UserError as e:
         print(f"posttrain: error: {e}", file=sys.stderr)

@@ -2,11 +2,11 @@
 
 Used by the distill stage and by the SFT stage when ``codistill`` is configured::
 
-    cd = Codistiller.online(cfg.codistill, model, tokenizer, strategy.device, seed)   # before setup
+    cd = Codistiller.online(cfg.codistill, model, tokenizer, strategy, seed)          # before setup
     ...
     per_token, aux = cd.loss(logits, labels, batch, step, total_steps)                # per micro-batch
     ...
-    metrics |= cd.step_metrics(strategy.world_size)                                  # once per step
+    metrics |= cd.step_metrics(strategy)                                             # once per step
 
 Metrics (all ranks, all micro-batches of the step, token-weighted): ``codistill/lambda_mean``,
 ``codistill/hard`` and ``codistill/soft`` (the two loss parts before weighting),
@@ -23,6 +23,7 @@ import torch
 
 from posttrain.config import CodistillConfig
 from posttrain.losses import TeacherTargets, codistill_loss, shift_for_next_token
+from posttrain.strategy import Strategy
 from posttrain.teacher import OfflineTargets, load_teacher, model_vocab, online_targets
 
 HIST_BINS = 5
@@ -42,13 +43,14 @@ class Codistiller:
 
     @classmethod
     def online(
-        cls, cfg: CodistillConfig, student: Any, tokenizer: Any, device: torch.device, seed: int
+        cls, cfg: CodistillConfig, student: Any, tokenizer: Any, strategy: Strategy, seed: int
     ) -> Codistiller:
-        """Load ``cfg.teacher`` (checked against the student's vocabulary) onto ``device``."""
+        """Load ``cfg.teacher`` (checked against the student's vocabulary) as a frozen model of
+        ``strategy`` (sharded like the student; expert-parallel when it is MoE and ep_size > 1)."""
         if cfg.teacher is None:
             raise ValueError("codistill.teacher is not set: online codistillation needs a teacher model")
-        teacher = load_teacher(cfg.teacher, tokenizer, model_vocab(student), seed=seed).to(device)
-        return cls(cfg, teacher=teacher)
+        teacher = load_teacher(cfg.teacher, tokenizer, model_vocab(student), seed=seed)
+        return cls(cfg, teacher=strategy.frozen(teacher))
 
     def targets(
         self, batch: dict[str, torch.Tensor], layout: Sequence[Sequence[tuple[int, int]]] | None
@@ -89,12 +91,10 @@ class Codistiller:
         sums = [float(mask.sum())] + [float((aux[k].double() * mask).sum()) for k in _SUMS[1:]]
         self._sums += torch.cat([torch.tensor(sums, dtype=torch.float64), hist])
 
-    def step_metrics(self, world_size: int) -> dict[str, float]:
+    def step_metrics(self, strategy: Strategy) -> dict[str, float]:
         """This step's metrics over all micro-batches and ranks (one all-reduce); resets the sums."""
-        sums = self._sums.clone()
+        sums = strategy.all_reduce_tensor(self._sums)
         self._sums.zero_()
-        if world_size > 1:
-            torch.distributed.all_reduce(sums)
         tokens, lam, hard, soft, agree, *hist = (float(x) for x in sums)
         n = max(tokens, 1.0)
         out = {

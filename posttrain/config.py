@@ -1,197 +1,33 @@
-"""Typed recipe schema: frozen dataclasses, and a checker that turns a composed Hydra config into them.
+"""Every setting of a recipe: one frozen dataclass per section and per stage type, and the stage table.
 
-Every error names the offending key by its full dotted path; an unknown key also names the closest
-valid one, and a wrong type names the expected type:
+This file is the reference of what a recipe may say. A field's type says its valid values (``PosInt``
+is an int >= 1, ``Prob`` a float in [0, 1], ``Literal[...]`` a fixed set); the checker that turns a
+composed Hydra config into these classes, with one-line errors naming the key, is
+``posttrain/schema.py``. Checks that relate several fields are each class's ``check(path)``.
 
-    >>> parse(RunConfig, {"nmae": "x"}, "run")
-    Traceback (most recent call last):
-    ...
-    posttrain.config.ConfigError: unknown key 'run.nmae' (did you mean 'run.name'?)
-
-Stage types register their config class in ``STAGE_TYPES`` (``sft`` here; rl, dpo and distill add
-theirs in their own modules' config classes below).
+A stage type is one row of ``STAGES`` (its config class and the function that runs it) plus one file
+in ``posttrain/stages/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal
 
-from posttrain.errors import UserError
-
-T = TypeVar("T")
-
-
-class ConfigError(UserError):
-    """A recipe that does not fit the schema. The message is one line that says what to fix."""
-
-
-# --------------------------------------------------------------------------------------------------
-# The checker
-
-
-def parse(cls: type[T], data: Any, path: str) -> T:
-    """Build dataclass ``cls`` from plain ``data`` (dicts/lists/scalars), checking keys and types."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{path}' must be a mapping of {cls.__name__} settings, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            nested = _find_nested(cls, str(key), path)
-            if close:
-                hint = f" (did you mean '{_join(path, close[0])}'?)"
-            elif nested:
-                hint = f" (did you mean '{nested}'?)"
-            else:
-                hint = f" (valid: {', '.join(fields)})"
-            raise ConfigError(f"unknown key '{_join(path, str(key))}'{hint}")
-        base = _default(fields[key])
-        if dataclasses.is_dataclass(base) and isinstance(value, dict):
-            # A partial section overrides the field's own default instance, not the class defaults
-            # (RL's optimizer defaults differ from OptimConfig's, for instance).
-            value = _deep_merge(to_dict(base), value)
-        kwargs[key] = _coerce(hints[key], value, _join(path, key))
-    for name, f in fields.items():
-        if (
-            name not in kwargs
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        ):
-            raise ConfigError(f"missing required key '{_join(path, name)}'")
-    obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        check(path)
-    return obj
-
-
-def _default(f: Any) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _find_nested(cls: type, key: str, path: str, depth: int = 2) -> str | None:
-    """The dotted path of a field called ``key`` inside nested sections (``lr`` -> ``optim.lr``)."""
-    if depth == 0:
-        return None
-    for name, tp in get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            if key in {f.name for f in dataclasses.fields(tp)}:
-                return _join(_join(path, name), key)
-            found = _find_nested(tp, key, _join(path, name), depth - 1)  # type: ignore[arg-type]
-            if found:
-                return found
-    return None
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, path)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"'{path}' must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"'{path}' must be one of {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return parse(tp, value, path)  # type: ignore[arg-type]
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{path}' must be a list, got {value!r}")
-        (item_tp, *_rest) = get_args(tp) or (Any,)
-        return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
-        _k, v_tp = get_args(tp) or (str, Any)
-        return {k: _coerce(v_tp, v, _join(path, str(k))) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{path}' must be bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{path}' must be int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"'{path}' must be float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"'{path}' must be str, got {value!r}")
-    raise ConfigError(f"'{path}': unsupported schema type {tp!r}")  # a bug in the schema, not the recipe
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass tree -> plain dicts/lists (for saving the resolved recipe and logging it)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def first_difference(saved: Any, wanted: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    """The first (dotted key, saved value, wanted value) where two plain trees differ (lists and tuples
-    compare by items), or None when they are equal."""
-    if isinstance(saved, dict) and isinstance(wanted, dict):
-        for k in list(saved) + [k for k in wanted if k not in saved]:
-            if d := first_difference(saved.get(k), wanted.get(k), f"{path}.{k}" if path else str(k)):
-                return d
-        return None
-    if isinstance(saved, list | tuple) and isinstance(wanted, list | tuple):
-        saved, wanted = list(saved), list(wanted)
-    return None if saved == wanted else (path, saved, wanted)
-
+from posttrain.schema import (
+    ConfigError,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Prob,
+    Range,
+    first_difference,
+    parse,
+    to_dict,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Shared sections
@@ -212,13 +48,13 @@ class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "posttrain"
     entity: str | None = None
-    init_timeout_s: float = 30.0
+    init_timeout_s: PosFloat = 30.0
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    log_every: int = 10
+    log_every: PosInt = 10
     progress: bool = True  # tqdm bar with ETA per stage
 
 
@@ -244,33 +80,33 @@ class ModelConfig:
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool = False  # fp16 does not run on CPU; bf16 does
-    gradient_clipping: float = 1.0
+    gradient_clipping: NonNegFloat = 1.0  # 0: no clipping
     # Extra keys merged into the generated DeepSpeed JSON (expert users; keys are DeepSpeed's own).
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    ep_size: int = 1  # expert-parallel group size for MoE students
-
-    def check(self, path: str) -> None:
-        if self.ep_size < 1:
-            raise ConfigError(f"'{path}.ep_size' must be >= 1, got {self.ep_size}")
+    ep_size: PosInt = 1  # expert-parallel group size for MoE students (and frozen MoE teachers)
 
 
 @dataclass(frozen=True)
 class LauncherConfig:
-    nproc_per_node: int = 1  # >1: `posttrain run` re-launches itself under torchrun with this many ranks
-    nnodes: int = 1  # >1: start `posttrain run` on every node with torchrun or the DeepSpeed launcher
+    nproc_per_node: PosInt = 1  # >1: `posttrain run` re-launches itself under torchrun with this many ranks
+    nnodes: PosInt = 1  # >1: start `posttrain run` on every node with torchrun or the DeepSpeed launcher
 
 
 @dataclass(frozen=True)
 class TinyTaskConfig:
-    """One synthetic capability of the tiny world. ``digits``/``lengths`` set the difficulty levels."""
+    """One synthetic capability of the tiny world. ``levels`` set the difficulty levels."""
 
     kind: Literal["add", "mul", "reverse", "sort"]
-    levels: tuple[int, ...] = (2,)  # digits for add/mul, string length for reverse/sort
-    weight: float = 1.0  # sampling weight (SFT mixture, RL capability mix)
+    levels: tuple[PosInt, ...] = (2,)  # digits for add/mul, string length for reverse/sort
+    weight: NonNegFloat = 1.0  # sampling weight (SFT mixture, RL capability mix)
+
+    def check(self, path: str) -> None:
+        if not self.levels:
+            raise ConfigError(f"'{path}.levels' must list at least one level")
 
 
 @dataclass(frozen=True)
@@ -286,21 +122,25 @@ class DataConfig:
     source: str = "tiny"
     split: str = "train"
     tasks: dict[str, TinyTaskConfig] = field(default_factory=dict)  # for source=tiny
-    num_train: int = 20000
-    num_eval: int = 200  # held-out prompts (disjoint from train) per capability
+    num_train: PosInt = 20000
+    num_eval: PosInt = 200  # held-out prompts (disjoint from train) per capability
     eval_source: str | None = None  # the eval section's held-out file (default: its source)
-    max_prompt_len: int = 64
-    max_completion_len: int = 16
+    max_prompt_len: PosInt = 64
+    max_completion_len: PosInt = 16
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
-    betas: tuple[float, ...] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
+    lr: PosFloat = 3e-3
+    betas: tuple[Annotated[float, Range(ge=0, lt=1)], ...] = (0.9, 0.95)
+    weight_decay: NonNegFloat = 0.0
+    warmup_steps: NonNegInt = 20
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Prob = 0.1
+
+    def check(self, path: str) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"'{path}.betas' must be [beta1, beta2], got {list(self.betas)}")
 
 
 @dataclass(frozen=True)
@@ -308,7 +148,7 @@ class RewardSpec:
     """One reward in a weighted combination: a registry name, entry point, or 'pkg.module:fn'."""
 
     name: str
-    weight: float = 1.0
+    weight: float = 1.0  # negative: a penalty
     # per batch call; None: the reward's own default, else 30 s (<= 0: no limit)
     timeout_s: float | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward function
@@ -326,9 +166,9 @@ class EvalConfig:
 
     data: DataConfig = field(default_factory=DataConfig)  # its eval split (tiny: num_eval per capability)
     reward: str = "exact_match"  # a sample counts as solved when this reward is 1.0
-    max_new_tokens: int = 16
+    max_new_tokens: PosInt = 16
     sampled: bool = True  # also measure sampled pass@1 at temperature 1
-    batch_size: int = 256
+    batch_size: PosInt = 256
     include_base: bool = True  # also evaluate the recipe's starting model
 
 
@@ -336,22 +176,12 @@ class EvalConfig:
 class SamplingConfig:
     """How a rollout engine samples: ``n`` completions per prompt. ``temperature: 0`` is greedy."""
 
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 16
+    n: PosInt = 8
+    temperature: NonNegFloat = 1.0
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+    max_tokens: PosInt = 16
     stop: tuple[str, ...] = ()  # stop strings (not included in the text); EOS always stops
     seed: int | None = None  # None: the engine's own random stream
-
-    def check(self, path: str) -> None:
-        if self.n < 1:
-            raise ConfigError(f"'{path}.n' must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ConfigError(f"'{path}.temperature' must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"'{path}.top_p' must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ConfigError(f"'{path}.max_tokens' must be >= 1, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -361,25 +191,14 @@ class EngineConfig:
     kind: Literal["vllm", "hf"] = "vllm"
     # auto: float32 on CPU, checkpoint's on GPU
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: Annotated[int, Range(ge=2)] | None = None  # None: the model's max_position_embeddings
     enforce_eager: bool = True  # no torch.compile / CUDA graphs (fast start; the only mode tested on CPU)
-    gpu_memory_utilization: float = 0.3  # GPU: share of GPU memory for vLLM when colocated with training
-    kv_cache_space_gib: int = 1  # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    # GPU: share of GPU memory for vLLM when colocated with training
+    gpu_memory_utilization: Annotated[float, Range(gt=0, le=1)] = 0.3
+    kv_cache_space_gib: PosInt = 1  # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     sleep_during_training: bool = True  # GPU: free vLLM's memory between rollouts (no-op on CPU)
-    hf_batch_size: int = 256  # kind=hf: sequences per generate() call
+    hf_batch_size: PosInt = 256  # kind=hf: sequences per generate() call
     extra: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) keyword arguments (vLLM's names)
-
-    def check(self, path: str) -> None:
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(
-                f"'{path}.gpu_memory_utilization' must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        if self.kv_cache_space_gib < 1:
-            raise ConfigError(f"'{path}.kv_cache_space_gib' must be >= 1, got {self.kv_cache_space_gib}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"'{path}.max_model_len' must be >= 2 or null, got {self.max_model_len}")
-        if self.hf_batch_size < 1:
-            raise ConfigError(f"'{path}.hf_batch_size' must be >= 1, got {self.hf_batch_size}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,8 +209,9 @@ class EngineConfig:
 class CodistillConfig:
     """Codistillation: the loss becomes ``(1 − λ_t)·CE + λ_t·τ²·D(teacher_τ ‖ student_τ)``.
 
-    Targets come from ``teacher`` run online in the same step (no grad), or from ``targets``, a dir of
-    offline top-k targets (``python -m posttrain.teacher``; a distill stage writes it itself when the
+    Targets come from ``teacher`` run online in the same step (no grad; a frozen model held by the
+    strategy: ZeRO-3-sharded when the student is, expert-parallel for MoE), or from ``targets``, a dir
+    of offline top-k targets (``posttrain teacher-targets``; a distill stage writes it itself when the
     dir is missing and ``teacher`` is set). λ_t: see ``posttrain.losses.codistill_loss``.
     """
 
@@ -399,13 +219,15 @@ class CodistillConfig:
     teacher: ModelConfig | None = None
     targets: str | None = None  # offline top-k targets dir (Arrow); when set, training reads these
     modes: tuple[Literal["fixed", "schedule", "teacher_confidence", "teacher_entropy"], ...] = ("fixed",)
-    lambda0: float = 0.5  # λ for "fixed", or the schedule's start; scales the per-token modes
-    lambda1: float = 0.5  # the schedule's end (the stage's last step uses it)
+    lambda0: Prob = 0.5  # λ for "fixed", or the schedule's start; scales the per-token modes
+    lambda1: Prob = 0.5  # the schedule's end (the stage's last step uses it)
     schedule: Literal["linear", "cosine"] = "linear"
-    temperature: float = 1.0
+    temperature: PosFloat = 1.0
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    jsd_beta: float = 0.5  # generalized JSD mixture weight, in (0, 1)
-    top_k: int = 0  # 0: full teacher logits (online); k >= 1: top-k + a tail bucket (offline needs k >= 1)
+    jsd_beta: Annotated[float, Range(gt=0, lt=1)] = 0.5  # generalized JSD mixture weight
+    top_k: NonNegInt = (
+        0  # 0: full teacher logits (online); k >= 1: top-k + a tail bucket (offline needs k >= 1)
+    )
 
     def check(self, path: str) -> None:
         if self.teacher is None and self.targets is None:
@@ -416,35 +238,34 @@ class CodistillConfig:
             raise ConfigError(f"'{path}.modes' must list each mode at most once, got {list(self.modes)}")
         if "fixed" in self.modes and "schedule" in self.modes:
             raise ConfigError(f"'{path}.modes': 'fixed' and 'schedule' both set the base λ; keep one")
-        for key in ("lambda0", "lambda1"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"'{path}.{key}' must be in [0, 1], got {getattr(self, key)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"'{path}.temperature' must be > 0, got {self.temperature}")
-        if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
-            raise ConfigError(f"'{path}.jsd_beta' must be in (0, 1) (0 is forward_kl, 1 is reverse_kl)")
-        if self.top_k < 0 or (self.targets is not None and self.teacher is not None and self.top_k < 1):
+        if self.targets is not None and self.teacher is not None and self.top_k < 1:
             raise ConfigError(
                 f"'{path}.top_k' must be >= 1 to write offline targets (0 = full logits, online only)"
             )
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    type: Literal["sft"] = "sft"
+class SupervisedLoopConfig:
+    """What every stage trained by the supervised loop (``posttrain.stages.sft.train_supervised``) shares."""
+
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
-    max_steps: int = 500
-    micro_batch_size: int = 64  # sequences per micro-batch per rank
-    grad_accum: int = 1
+    max_steps: NonNegInt = 500
+    micro_batch_size: PosInt = 64  # sequences (packed rows) per micro-batch per rank
+    grad_accum: PosInt = 1
     pack: bool = True  # pack several examples per row (position ids restart; no cross-attention)
-    seq_len: int = 64  # row length when packing
+    seq_len: Annotated[int, Range(ge=2)] = 64  # row length when packing
     # Unpacked batches only: group examples of similar length (less padding). Off by default: when
     # length correlates with the answer (3-digit sums start with 1), same-length batches leak the
     # label into the batch and training stalls — measured on the tiny world.
     group_by_length: bool = False
-    save_every: int = 100  # resume-state checkpoint interval (steps)
+    eval_every: NonNegInt = 0  # held-out eval every N steps (0: only at the end of the stage)
+    save_every: NonNegInt = 100  # resume-state checkpoint interval (steps; 0: never)
+
+
+@dataclass(frozen=True)
+class SFTConfig(SupervisedLoopConfig):
+    type: Literal["sft"] = "sft"
     data_filters: tuple[str, ...] = ()  # names in the data-filter registry, applied in order
     codistill: CodistillConfig | None = None  # set: the loss becomes codistill_loss against this teacher
 
@@ -458,31 +279,15 @@ class SFTConfig:
             )
 
 
-STAGE_TYPES: dict[str, type] = {"sft": SFTConfig}
-
-
 @dataclass(frozen=True)
-class DistillConfig:
-    """A distillation stage: the SFT loop with ``codistill_loss`` (online teacher or offline targets)."""
+class DistillConfig(SupervisedLoopConfig):
+    """A distillation stage: the supervised loop with ``codistill_loss`` (online teacher or offline targets)."""
 
     type: Literal["distill"] = "distill"
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
-    max_steps: int = 500
-    micro_batch_size: int = 64  # sequences per micro-batch per rank
-    grad_accum: int = 1
-    pack: bool = True  # pack several examples per row (position ids restart; no cross-attention)
-    seq_len: int = 64  # row length when packing
-    group_by_length: bool = False  # unpacked batches only; see SFTConfig.group_by_length
-    save_every: int = 100  # resume-state checkpoint interval (steps)
 
     def check(self, path: str) -> None:
         self.codistill.check(f"{path}.codistill")
-
-
-STAGE_TYPES["distill"] = DistillConfig
 
 
 @dataclass(frozen=True)
@@ -490,42 +295,43 @@ class CurriculumConfig:
     """Continuous curriculum over a prompt pool (see posttrain/curriculum.py for the status rules)."""
 
     enabled: bool = False  # False: prompts drawn from the whole train set, no filter passes
-    pool_size: int = 256  # trainable prompts the pool keeps topped up from the dataset
-    band: tuple[float, ...] = (0.0, 1.0)  # [lo, hi] pass-rate band kept for training
-    band_final: tuple[float, ...] | None = None  # the band reached at band_steps (toward harder: lower)
-    band_steps: int = 0
-    refilter_every: int = 50  # steps between filter passes (pass 0 runs before step 1); 0: never
-    filter_samples: int = 8  # completions per prompt in a filter pass (the n of c-of-n)
-    pass_k: int = 8  # the k of the logged pass@k (<= filter_samples)
-    retire_after: int = 2  # consecutive all-correct checks (filter pass or training group) to retire
-    backlog_recheck_every: int = 2  # a backlog prompt is re-checked every this many filter passes
+    pool_size: PosInt = 256  # trainable prompts the pool keeps topped up from the dataset
+    band: tuple[Prob, ...] = (0.0, 1.0)  # [lo, hi] pass-rate band kept for training
+    band_final: tuple[Prob, ...] | None = None  # the band reached at band_steps (toward harder: lower)
+    band_steps: NonNegInt = 0
+    refilter_every: NonNegInt = 50  # steps between filter passes (pass 0 runs before step 1); 0: never
+    filter_samples: PosInt = 8  # completions per prompt in a filter pass (the n of c-of-n)
+    pass_k: PosInt = 8  # the k of the logged pass@k (<= filter_samples)
+    retire_after: PosInt = 2  # consecutive all-correct checks (filter pass or training group) to retire
+    backlog_recheck_every: PosInt = 2  # a backlog prompt is re-checked every this many filter passes
 
     def check(self, path: str) -> None:
         for name, band in (("band", self.band), ("band_final", self.band_final)):
-            if band is not None and not (len(band) == 2 and 0.0 <= band[0] <= band[1] <= 1.0):
+            if band is not None and not (len(band) == 2 and band[0] <= band[1]):
                 raise ConfigError(
                     f"'{path}.{name}' must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(band)}"
                 )
-        if not 1 <= self.pass_k <= self.filter_samples:
+        if self.pass_k > self.filter_samples:
             raise ConfigError(
                 f"'{path}.pass_k' must be in [1, filter_samples={self.filter_samples}], got {self.pass_k}"
             )
-        for name in ("pool_size", "filter_samples", "retire_after", "backlog_recheck_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"'{path}.{name}' must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
 class RLLossConfig:
     """Clipped policy gradient (GRPO; DAPO's asymmetric clip with clip_high > clip_low) + optional k3 KL and entropy."""
 
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0  # > 0 keeps a frozen copy of the starting model as the KL reference
-    entropy_coef: float = 0.0
+    clip_low: NonNegFloat = 0.2
+    clip_high: NonNegFloat = 0.2
+    kl_coef: NonNegFloat = (
+        0.0  # > 0: a frozen copy of the starting model (held by the strategy) is the KL reference
+    )
+    entropy_coef: NonNegFloat = 0.0
     scale_by_std: bool = True  # advantage (r - mean) / (std + adv_eps); False: r - mean
-    adv_eps: float = 1e-4
-    log_kl: bool = True  # log KL to the starting model even when kl_coef is 0 (one no-grad forward more)
+    adv_eps: PosFloat = 1e-4
+    # Log the KL to the starting model when kl_coef is 0. Off by default: it keeps that frozen model
+    # (sharded like the policy) and costs one more forward per micro-batch, for a metric.
+    log_kl: bool = False
 
 
 @dataclass(frozen=True)
@@ -549,55 +355,54 @@ class RLConfig:
             lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=10, schedule="constant"
         )
     )
-    max_steps: int = 300  # policy updates
-    prompts_per_step: int = 16  # informative groups per update
+    max_steps: NonNegInt = 300  # policy updates
+    prompts_per_step: PosInt = 16  # informative groups per update
     filter_zero_advantage: bool = True  # drop groups whose rewards are all equal, and refill
-    max_gen_batches: int = 4  # generation rounds per step before training on what there is
-    capability_weights: dict[str, float] = field(
-        default_factory=dict
-    )  # default: data.tasks weights, else equal
+    max_gen_batches: PosInt = 4  # generation rounds per step before training on what there is
+    # the sampler's capability weights; default: data.tasks weights, else equal
+    capability_weights: dict[str, NonNegFloat] = field(default_factory=dict)
     pass_threshold: float = 1.0  # a completion "passes" (pass@k, filter passes) when its reward >= this
     # Optimizer updates per step: the step's sequences split into this many mini-batches, one update
     # each (PPO-style reuse of the rollouts; the later updates are off-policy and the clip bounds them).
     # The lr schedule (warmup_steps included) counts optimizer updates: max_steps * minibatches.
-    minibatches: int = 1
+    minibatches: PosInt = 1
     # Sequences per forward/backward per rank. Each update runs
     # ceil(prompts_per_step * sampling.n / (minibatches * ranks * micro_batch_size)) micro-batches per rank.
-    micro_batch_size: int = 256
-    eval_every: int = 0  # held-out eval every N steps (0: only at the end of the stage)
-    save_every: int = 50
-    log_samples_every: int = 10  # rows appended to the rollout table every N steps
-    samples_per_log: int = 4
+    micro_batch_size: PosInt = 256
+    eval_every: NonNegInt = 0  # held-out eval every N steps (0: only at the end of the stage)
+    save_every: NonNegInt = 50
+    log_samples_every: NonNegInt = 10  # rows appended to the rollout table every N steps
+    samples_per_log: PosInt = 4
 
     def check(self, path: str) -> None:
-        if self.prompts_per_step < 1 or self.max_gen_batches < 1 or self.max_steps < 0:
-            raise ConfigError(f"'{path}': prompts_per_step and max_gen_batches must be >= 1, max_steps >= 0")
         if self.sampling.n < 2:
             raise ConfigError(
                 f"'{path}.sampling.n' must be >= 2 (group-relative advantages need a group), got {self.sampling.n}"
             )
-        if self.micro_batch_size < 1 or self.minibatches < 1:
-            raise ConfigError(f"'{path}': micro_batch_size and minibatches must be >= 1")
-        loss = self.loss
-        if (
-            loss.clip_low < 0
-            or loss.clip_high < 0
-            or loss.adv_eps <= 0
-            or loss.kl_coef < 0
-            or loss.entropy_coef < 0
-        ):
-            raise ConfigError(
-                f"'{path}.loss': clip_low, clip_high, kl_coef, entropy_coef must be >= 0 and adv_eps > 0"
-            )
-        if self.curriculum.refilter_every < 0:
-            raise ConfigError(f"'{path}.curriculum.refilter_every' must be >= 0 (0: no filter passes)")
-
-
-STAGE_TYPES["rl"] = RLConfig
 
 
 # --------------------------------------------------------------------------------------------------
-# The whole recipe
+# The stage table and the whole recipe
+
+
+@dataclass(frozen=True)
+class StageType:
+    config: type  # the stage's settings (a frozen dataclass with a ``type`` field)
+    runner: str  # "module:function" taking a posttrain.stages.context.StageContext
+    summary: str
+
+
+STAGES: dict[str, StageType] = {
+    "sft": StageType(
+        SFTConfig, "posttrain.stages.sft:run_sft", "supervised fine-tuning (optionally codistilled)"
+    ),
+    "distill": StageType(
+        DistillConfig,
+        "posttrain.stages.distill:run_distill",
+        "codistillation from a teacher (online or offline targets)",
+    ),
+    "rl": StageType(RLConfig, "posttrain.stages.rl:run_rl", "continuous online RL with vLLM rollouts"),
+}
 
 
 @dataclass(frozen=True)
@@ -620,27 +425,29 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         raise ConfigError("'stages' must be a mapping of stage name -> settings (ordered)")
     recipe = parse(Recipe, data, "")
     stages: dict[str, Any] = {}
+    valid = ", ".join(sorted(STAGES))
     for name, raw in stages_raw.items():
         path = f"stages.{name}"
         if not isinstance(raw, dict) or "type" not in raw:
-            raise ConfigError(f"'{path}' needs a 'type' (one of: {', '.join(sorted(STAGE_TYPES))})")
+            raise ConfigError(f"'{path}' needs a 'type' (one of: {valid})")
         kind = raw["type"]
-        if kind not in STAGE_TYPES:
-            close = difflib.get_close_matches(str(kind), list(STAGE_TYPES), n=1)
+        if kind not in STAGES:
+            close = difflib.get_close_matches(str(kind), list(STAGES), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"'{path}.type' is {kind!r}{hint}; valid: {', '.join(sorted(STAGE_TYPES))}")
-        stages[name] = parse(STAGE_TYPES[kind], raw, path)
+            raise ConfigError(f"'{path}.type' is {kind!r}{hint}; valid: {valid}")
+        stages[name] = parse(STAGES[kind].config, raw, path)
     if not stages:
         raise ConfigError("the recipe has no stages; add at least one under 'stages'")
     return dataclasses.replace(recipe, stages=stages)
 
 
 __all__ = [
+    "STAGES",
     "ConfigError",
     "Recipe",
+    "StageType",
+    "first_difference",
     "parse",
     "parse_recipe",
     "to_dict",
-    "STAGE_TYPES",
-    "typing",
 ]

@@ -33,7 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from posttrain.types import Sample
+from posttrain.config import CurriculumConfig
+from posttrain.types import RolloutGroup, Sample
 
 Status = Literal["new", "active", "easy", "backlog", "retired"]
 TRAINABLE: tuple[Status, ...] = ("new", "active")
@@ -65,6 +66,80 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
+def pass_at_k_table(rows: Iterable[tuple[str, int, int]], ks: Sequence[int]) -> dict[str, float]:
+    """Mean unbiased pass@k over prompts, overall and per capability: the one aggregation the pool's
+    filter passes and the rollout metrics both use.
+
+    ``rows``: (capability, n, c) per prompt with ``n >= 1`` scored samples and ``c`` correct. Returns
+    ``pass@<k>`` and ``<capability>/pass@<k>`` for each k (a prompt with fewer than k samples counts
+    with k = n); {} for no rows.
+
+    >>> pass_at_k_table([("add", 4, 1), ("add", 4, 4), ("mul", 2, 0)], [1, 2])
+    {'pass@1': 0.4166666666666667, 'pass@2': 0.5, 'add/pass@1': 0.625, 'add/pass@2': 0.75, 'mul/pass@1': 0.0, 'mul/pass@2': 0.0}
+    """
+    per_cap: dict[str, list[tuple[int, int]]] = {}
+    for cap, n, c in rows:
+        per_cap.setdefault(cap, []).append((n, c))
+    everything = [nc for v in per_cap.values() for nc in v]
+    out: dict[str, float] = {}
+    for name, nc in [("", everything), *((f"{cap}/", v) for cap, v in sorted(per_cap.items()))]:
+        if not nc:
+            continue
+        for k in ks:
+            out[f"{name}pass@{k}"] = sum(pass_at_k(n, c, min(k, n)) for n, c in nc) / len(nc)
+    return out
+
+
+def group_metrics(groups: Sequence[RolloutGroup], pass_threshold: float, n: int) -> dict[str, float]:
+    """Reward mean/std and sampled pass@1 / pass@n, overall and per capability, over rollout groups
+    (scored: ``RolloutGroup.rewards`` set, NaN for None): ``reward/mean``, ``reward/std``,
+    ``rollout/pass@1``, ``rollout/pass@<n>``, ``rollout/<cap>/reward_mean``, ``rollout/<cap>/pass@1``, …,
+    and ``rollout/completion_len``. A completion passes when its reward >= ``pass_threshold``."""
+    per_cap: dict[str, list[RolloutGroup]] = {}
+    for g in groups:
+        per_cap.setdefault(g.sample.capability, []).append(g)
+    out: dict[str, float] = {}
+    for name, gs in [("", list(groups)), *((f"{c}/", v) for c, v in sorted(per_cap.items()))]:
+        rewards = [r for g in gs for r in g.rewards if not math.isnan(r)]
+        if not rewards:
+            continue
+        mean = sum(rewards) / len(rewards)
+        # overall: reward/mean, reward/std; per capability: rollout/<cap>/reward_mean (reward/<name>/…
+        # belongs to the reward runner's per-reward metrics)
+        key = "reward/" if not name else f"rollout/{name}reward_"
+        out[f"{key}mean"] = mean
+        out[f"{key}std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    rows = [(g.sample.capability, g.scored, g.correct(pass_threshold)) for g in groups if g.scored]
+    out |= {f"rollout/{k}": v for k, v in pass_at_k_table(rows, sorted({1, n})).items()}
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    if lengths:
+        out["rollout/completion_len"] = sum(lengths) / len(lengths)
+    return out
+
+
+def count_by(groups: Iterable[RolloutGroup], column: str) -> dict[str, int]:
+    """Groups per value of a data column: ``capability`` (``Sample.capability``), or any other column
+    (``difficulty``, …) among the groups that have it."""
+    out: dict[str, int] = {}
+    for g in groups:
+        if column == "capability":
+            value = g.sample.capability
+        elif column in g.sample.columns:
+            value = str(g.sample.columns[column])
+        else:
+            continue
+        out[value] = out.get(value, 0) + 1
+    return out
+
+
+def by_capability(samples: Iterable[Sample]) -> dict[str, list[str]]:
+    """Capability -> uids, in the order given (what ``StratifiedSampler.sample`` draws from)."""
+    out: dict[str, list[str]] = {}
+    for s in samples:
+        out.setdefault(s.capability, []).append(s.uid)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The prompt pool
 
@@ -84,24 +159,6 @@ class PromptStats:
     backlog_since_pass: int = 0  # filter-pass index at which it entered the backlog
 
 
-@dataclass(frozen=True)
-class PoolSettings:
-    capacity: int = 256  # trainable prompts (new + active) the pool keeps topped up
-    band: tuple[float, float] = (0.0, 1.0)  # [lo, hi] inclusive pass-rate band at step 0
-    band_final: tuple[float, float] | None = None  # band at step ``band_steps`` (None: fixed band)
-    band_steps: int = 0
-    retire_after: int = 2  # consecutive all-correct checks before retiring
-    backlog_recheck_every: int = 2  # filter passes between re-checks of the backlog
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, b in (("band", self.band), ("band_final", self.band_final)):
-            if b is not None and not (len(b) == 2 and 0.0 <= b[0] <= b[1] <= 1.0):
-                raise ValueError(f"PoolSettings.{name} must be [lo, hi] with 0 <= lo <= hi <= 1, got {b}")
-        if self.capacity < 1 or self.retire_after < 1 or self.backlog_recheck_every < 1:
-            raise ValueError("PoolSettings: capacity, retire_after and backlog_recheck_every must be >= 1")
-
-
 @dataclass
 class FilterReport:
     step: int
@@ -114,14 +171,17 @@ class FilterReport:
 class PromptPool:
     """Prompts of a dataset with per-prompt statistics and a difficulty status (module docstring)."""
 
-    def __init__(self, samples: Sequence[Sample], settings: PoolSettings) -> None:
+    def __init__(self, samples: Sequence[Sample], cfg: CurriculumConfig, seed: int = 0) -> None:
+        """``cfg``: the recipe's ``curriculum`` section (its ranges checked by the schema); ``seed`` fixes
+        the order in which prompts are drawn from ``samples``."""
         uids = [s.uid for s in samples]
         if len(set(uids)) != len(uids) or any(u == "" for u in uids):
             raise ValueError("PromptPool needs a unique, non-empty Sample.uid per prompt")
-        self.settings = settings
+        self.cfg = cfg
+        self.seed = seed
         self.samples: dict[str, Sample] = {s.uid: s for s in samples}
         self._order = list(uids)
-        random.Random(f"pool:{settings.seed}").shuffle(self._order)
+        random.Random(f"pool:{seed}").shuffle(self._order)
         self._cursor = 0  # next position in _order to draw
         self.stats: dict[str, PromptStats] = {}
         self.passes = 0  # filter passes done
@@ -130,22 +190,19 @@ class PromptPool:
     # ---- composition of the pool
 
     def capability(self, uid: str) -> str:
-        return str(self.samples[uid].columns.get("capability", "default"))
+        return self.samples[uid].capability
 
     def uids(self, *statuses: Status) -> list[str]:
         return [u for u, st in self.stats.items() if st.status in statuses]
 
     def trainable_by_capability(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for uid in self.uids(*TRAINABLE):
-            out.setdefault(self.capability(uid), []).append(uid)
-        return out
+        return by_capability(self.samples[u] for u in self.uids(*TRAINABLE))
 
     def refill(self) -> int:
         """Draw fresh prompts until ``capacity`` are trainable or the dataset is used up; returns count."""
         drawn = 0
         trainable = len(self.uids(*TRAINABLE))
-        while trainable < self.settings.capacity and self._cursor < len(self._order):
+        while trainable < self.cfg.pool_size and self._cursor < len(self._order):
             uid = self._order[self._cursor]
             self._cursor += 1
             if uid not in self.stats:
@@ -155,18 +212,18 @@ class PromptPool:
         return drawn
 
     def band_at(self, step: int) -> tuple[float, float]:
-        s = self.settings
-        if s.band_final is None or s.band_steps <= 0:
-            return (s.band[0], s.band[1])
-        f = min(max(step / s.band_steps, 0.0), 1.0)
-        return (s.band[0] + f * (s.band_final[0] - s.band[0]), s.band[1] + f * (s.band_final[1] - s.band[1]))
+        c = self.cfg
+        if c.band_final is None or c.band_steps <= 0:
+            return (c.band[0], c.band[1])
+        f = min(max(step / c.band_steps, 0.0), 1.0)
+        return (c.band[0] + f * (c.band_final[0] - c.band[0]), c.band[1] + f * (c.band_final[1] - c.band[1]))
 
     # ---- evidence
 
     def due_for_check(self) -> list[str]:
         """Prompts the next filter pass should sample: new, active, easy, and the backlog when due."""
         due = self.uids("new", "active", "easy")
-        every = self.settings.backlog_recheck_every
+        every = self.cfg.backlog_recheck_every
         due += [
             u
             for u in self.uids("backlog")
@@ -192,7 +249,7 @@ class PromptPool:
         st.train_samples += n
         st.train_correct += c
         self._record(st, n, c)
-        if st.status in TRAINABLE and st.solved_streak >= self.settings.retire_after:
+        if st.status in TRAINABLE and st.solved_streak >= self.cfg.retire_after:
             st.status = "retired"
 
     def filter_pass(
@@ -207,7 +264,6 @@ class PromptPool:
         """
         lo, hi = self.band_at(step)
         self.passes += 1
-        per_cap: dict[str, list[tuple[int, int]]] = {}
         for uid, (n, c) in results.items():
             if uid not in self.stats:
                 raise KeyError(f"filter_pass: prompt {uid!r} is not in the pool (check due_for_check())")
@@ -218,7 +274,7 @@ class PromptPool:
             st.last_n, st.last_c, st.last_check_step = n, c, step
             self._record(st, n, c)
             rate = c / n
-            if st.solved_streak >= self.settings.retire_after:
+            if st.solved_streak >= self.cfg.retire_after:
                 new: Status = "retired"
             elif c > 0 and lo <= rate <= hi:
                 new = "active"
@@ -229,18 +285,12 @@ class PromptPool:
             if new == "backlog" and st.status != "backlog":
                 st.backlog_since_pass = self.passes
             st.status = new
-            per_cap.setdefault(self.capability(uid), []).append((n, c))
         report = FilterReport(step=step, band=(lo, hi), checked=len(results))
         report.moved = dict(Counter(self.stats[u].status for u in results))
-        all_nc = [nc for v in per_cap.values() for nc in v]
-        if all_nc:
-            kk = k if k is not None else min(n for n, _ in all_nc)
-            for name, nc in [("all", all_nc), *sorted(per_cap.items())]:
-                prefix = "" if name == "all" else f"{name}/"
-                report.pass_at[f"{prefix}pass@1"] = sum(pass_at_k(n, c, 1) for n, c in nc) / len(nc)
-                report.pass_at[f"{prefix}pass@{kk}"] = sum(pass_at_k(n, c, min(kk, n)) for n, c in nc) / len(
-                    nc
-                )
+        if results:
+            kk = k if k is not None else min(n for n, _ in results.values())
+            rows = [(self.capability(u), n, c) for u, (n, c) in results.items()]
+            report.pass_at = pass_at_k_table(rows, sorted({1, kk}))
         self.refill()
         return report
 
@@ -276,7 +326,7 @@ class PromptPool:
     def state_dict(self) -> dict[str, Any]:
         return {
             "fingerprint": _fingerprint(self.samples),
-            "settings": asdict(self.settings),
+            "settings": {"seed": self.seed, **asdict(self.cfg)},
             "order": list(self._order),
             "cursor": self._cursor,
             "passes": self.passes,
@@ -378,7 +428,10 @@ class StratifiedSampler:
 
 __all__ = [
     "FilterReport",
-    "PoolSettings",
+    "by_capability",
+    "count_by",
+    "group_metrics",
+    "pass_at_k_table",
     "PromptPool",
     "PromptStats",
     "StratifiedSampler",

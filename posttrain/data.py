@@ -7,6 +7,7 @@ Every problem with a source is a ``DataError`` whose one-line message names the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -20,9 +21,10 @@ import torch
 
 from posttrain.config import DataConfig
 from posttrain.errors import UserError
+from posttrain.losses import IGNORE_INDEX
 from posttrain.tasks import tiny_dataset
+from posttrain.types import Sample
 
-IGNORE = -100
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -38,7 +40,8 @@ class DataError(UserError):
 
 
 def load_rows(cfg: DataConfig, split: str, seed: int, required: Sequence[str]) -> datasets.Dataset:
-    """The stage's dataset for ``split`` ("train" or "eval"), checked for ``required`` columns."""
+    """The stage's dataset for ``split`` ("train" or "eval"), checked for ``required`` columns
+    (``"a|b"``: either column)."""
     if cfg.source == "tiny":
         n = cfg.num_train if split == "train" else cfg.num_eval
         ds = tiny_dataset(cfg.tasks, split, n, seed)
@@ -46,7 +49,7 @@ def load_rows(cfg: DataConfig, split: str, seed: int, required: Sequence[str]) -
     else:
         source = cfg.source if split == "train" else (cfg.eval_source or cfg.source)
         ds, where = _load_source(source, cfg.split if split == "train" else "train")
-    missing = [c for c in required if c not in ds.column_names]
+    missing = [" or ".join(c.split("|")) for c in required if not set(c.split("|")) & set(ds.column_names)]
     if missing:
         raise DataError(
             f"{where}: missing required column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)}); "
@@ -114,6 +117,37 @@ def _check_jsonl(path: Path) -> None:
 # tokenising
 
 
+def load_prompt_samples(
+    cfg: DataConfig, tokenizer: Any, seed: int, limit: int, where: str
+) -> tuple[list[Sample], list[int]]:
+    """Train rows -> ``Sample``s (uid = row number) for prompt-only stages (RL, on-policy pairs). A prompt
+    longer than ``limit`` tokens after the chat template is skipped: returns (samples, skipped rows),
+    with the row numbers in a warning. No prompt fitting is a ``DataError``."""
+    ds = load_rows(cfg, "train", seed, required=["prompt"])
+    prompts = [str(p) for p in ds["prompt"]]
+    lengths = [
+        len(ids)
+        for ids in tokenizer([prompt_text(tokenizer, p) for p in prompts], add_special_tokens=False).input_ids
+    ]
+    columns = {c: ds[c] for c in ds.column_names if c != "prompt"}
+    samples, too_long = [], []
+    for i, (prompt, n_tok) in enumerate(zip(prompts, lengths, strict=True)):
+        if n_tok > limit:
+            too_long.append(i)
+            continue
+        samples.append(Sample(prompt=prompt, columns={c: v[i] for c, v in columns.items()}, uid=str(i)))
+    if too_long:
+        rows = ", ".join(map(str, too_long[:10])) + (" …" if len(too_long) > 10 else "")
+        log.warning(
+            "%s: skipped %d prompt(s) longer than %d tokens after the chat template (rows %s); raise "
+            "%s.data.max_prompt_len (and the model context) or shorten them",
+            cfg.source, len(too_long), limit, rows, where,
+        )  # fmt: skip
+    if not samples:
+        raise DataError(f"{cfg.source}: no prompt fits in {limit} tokens; raise {where}.data.max_prompt_len")
+    return samples, too_long
+
+
 def prompt_text(tokenizer: Any, prompt: str) -> str:
     """The chat-formatted prompt, ending with the assistant turn's opening."""
     return str(
@@ -128,10 +162,10 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def encode_sft(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): labels are IGNORE on the prompt, the completion + EOS are trained on."""
+    """(input_ids, labels): labels are IGNORE_INDEX on the prompt, the completion + EOS are trained on."""
     p = encode_prompt(tokenizer, prompt)
     c = list(tokenizer(completion, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id]
-    return p + c, [IGNORE] * len(p) + c
+    return p + c, [IGNORE_INDEX] * len(p) + c
 
 
 @dataclass
@@ -203,7 +237,7 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
     """Right-padded batch: input_ids, attention_mask, labels  (each [B, T])."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for b, e in enumerate(examples):
         n = len(e.input_ids)
@@ -213,6 +247,30 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_completions(
+    seqs: Sequence[tuple[Sequence[int], int]], pad_id: int, **per_token: Sequence[Sequence[float] | None]
+) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion sequences, ``seqs`` = (ids [T_i], prompt length) each.
+
+    Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` [B, T], and for each keyword a
+    float32 [B, T-1] tensor aligned with the shifted targets (``next_token_logprobs``): sequence i's
+    values per completion token, at positions n_prompt - 1 ... T_i - 2; 0 elsewhere and for None.
+    """
+    width = max(len(ids) for ids, _ in seqs)
+    ids_t = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
+    attn = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, T]
+    comp = torch.zeros(len(seqs), width, dtype=torch.bool)  # [B, T]
+    extra = {k: torch.zeros(len(seqs), width - 1, dtype=torch.float32) for k in per_token}  # [B, T-1] each
+    for i, (ids, n_prompt) in enumerate(seqs):
+        ids_t[i, : len(ids)] = torch.tensor(list(ids))
+        attn[i, : len(ids)] = 1
+        comp[i, n_prompt : len(ids)] = True
+        for k, values in per_token.items():
+            if (v := values[i]) is not None:
+                extra[k][i, n_prompt - 1 : len(ids) - 1] = torch.tensor(list(v), dtype=torch.float32)
+    return {"input_ids": ids_t, "attention_mask": attn, "completion_mask": comp, **extra}
+
+
 def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:
     """Packed batch: several examples per row, ``position_ids`` restart at each example.
 
@@ -220,7 +278,7 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, seq_len: int)
     block-diagonal causal mask, so packed examples do not attend to each other.
     """
     ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), seq_len), dtype=torch.long)
     for b, row in enumerate(rows):
         at = 0
@@ -234,6 +292,25 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, seq_len: int)
         last = len(row[-1].input_ids)
         pos[b, at:] = torch.arange(last, last + seq_len - at)
     return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def collate_rows(
+    examples: Sequence[Example], micro: Sequence[Sequence[int]], pack: bool, seq_len: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """One micro-batch (rows of example indices, as ``iterate_forever`` yields them) as tensors: packed
+    rows of ``seq_len`` (``collate_packed``) or one right-padded example per row (``collate_padded``)."""
+    if pack:
+        return collate_packed([[examples[i] for i in row] for row in micro], pad_id, seq_len)
+    return collate_padded([examples[row[0]] for row in micro], pad_id)
+
+
+def batch_layout(examples: Sequence[Example], micro: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
+    """Per batch row, (example index, start offset) of each example in it (offsets add up when packing)."""
+    out = []
+    for row in micro:
+        offsets = itertools.accumulate((len(examples[i].input_ids) for i in row[:-1]), initial=0)
+        out.append(list(zip(row, offsets, strict=True)))
+    return out
 
 
 def random_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:

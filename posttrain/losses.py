@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
+IGNORE_INDEX = -100  # a label that is not trained on (prompt tokens, padding): the one value every stage uses
+
 
 def shift_for_next_token(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """logits [B, T, V] predict labels [B, T] one position later -> ([B, T-1, V], [B, T-1])."""
@@ -32,7 +34,16 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return logp.gather(-1, tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 
 
-def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+def next_token_logprobs(logits: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """A forward's logits [B, T, V] on ``input_ids`` [B, T] -> (logits [B, T-1, V] predicting tokens
+    1..T-1, the log-probs of those tokens [B, T-1])."""
+    shifted = logits[:, :-1]
+    return shifted, token_logprobs(shifted, input_ids[:, 1:].to(shifted.device))
+
+
+def sft_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token negative log-likelihood of ``labels``; positions equal to ``ignore_index`` get 0.
 
     ``logits`` [B, T, V] and ``labels`` [B, T] are already aligned (call ``shift_for_next_token`` first).
@@ -371,7 +382,7 @@ def codistill_loss(
     temperature: float = 1.0,
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token codistillation loss ``(1 − λ_t)·CE + λ_t·τ²·D(teacher_τ ‖ student_τ)``.
 

@@ -17,14 +17,15 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from posttrain.config import ConfigError, ModelConfig
+from posttrain.config import ModelConfig
+from posttrain.preflight import check_model_path
+from posttrain.schema import ConfigError
 from posttrain.tokenizer import build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,34 +61,6 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise ConfigError("model.tokenizer is null and model.name_or_path is not set; name a tokenizer")
     check_model_path(source, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     return AutoTokenizer.from_pretrained(source)
-
-
-def check_model_path(source: str, key: str) -> None:
-    """A model dir must exist and hold a ``config.json``; anything else must load as a hub model's config.
-
-    A local-looking path (``/``, ``.``, ``~`` or several ``/``) that is not a dir fails at once. Another
-    name (``org/name``) is fetched as a hub config — a few kB, from the cache when ``HF_HUB_OFFLINE`` is
-    set — so a typo fails in a second, before any run dir is written.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"{key}: '{source}' has no config.json; point it at a saved HF model dir (save_pretrained)"
-            )
-        return
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ConfigError(
-            f"{key}: model dir '{source}' does not exist; point it at a saved HF model dir (save_pretrained)"
-        )
-    try:
-        AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"{key}: '{source}' is no model dir here and no hub model that could be loaded ({first}); "
-            "point it at a saved HF model dir or a reachable hub id"
-        ) from None
 
 
 def hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:

@@ -41,8 +41,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from posttrain.config import ConfigError
 from posttrain.parallel import check_ep_size, num_routed_experts
+from posttrain.schema import ConfigError
 
 # DeepSpeed is imported inside the functions that use it: this module is imported by the strategy only
 # when ep_size > 1.

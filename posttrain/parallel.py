@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.config import ConfigError, ModelConfig, Recipe
+from posttrain.config import ModelConfig, Recipe
+from posttrain.schema import ConfigError
 
 
 def num_routed_experts(model_config: Any) -> int | None:

@@ -22,62 +22,25 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from posttrain.config import Recipe, first_difference, to_dict
-from posttrain.data import check_source, load_rows
+from posttrain.config import STAGES, Recipe
+from posttrain.data import load_rows
 from posttrain.errors import UserError
 from posttrain.evaluate import evaluate
-from posttrain.models import build_model, check_model_path, load_checkpoint
-from posttrain.plugin_checks import check_plugins
+from posttrain.models import build_model, load_checkpoint
+from posttrain.preflight import preflight
+from posttrain.schema import first_difference, to_dict
+from posttrain.stages.context import StageContext
 from posttrain.strategy import Strategy
 from posttrain.tracking import Tracker
-
-# stage type -> "module:function"; each runner takes a StageContext and writes ctx.checkpoint_dir.
-STAGE_RUNNERS: dict[str, str] = {
-    "sft": "posttrain.stages.sft:run_sft",
-    "rl": "posttrain.stages.rl:run_rl",
-    "dpo": "posttrain.stages.dpo:run_dpo",
-    "distill": "posttrain.stages.distill:run_distill",
-}
 
 
 class PipelineError(UserError):
     """A run that cannot start as asked (the message says what to do)."""
-
-
-@dataclass
-class StageContext:
-    recipe: Recipe
-    name: str
-    cfg: Any  # the stage's config dataclass (SFTConfig, RLConfig, …)
-    stage_dir: Path
-    input_dir: Path | None  # previous stage's checkpoint; None: build from recipe.model
-    strategy: Strategy
-    tracker: Tracker
-    seed: int
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.stage_dir / "checkpoint"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.stage_dir / "state"
-
-    def load_model(self) -> tuple[Any, Any]:
-        """The model this stage starts from, and its tokenizer."""
-        if self.input_dir is None:
-            return build_model(self.recipe.model, seed=self.seed)
-        return load_checkpoint(self.input_dir, self.recipe.model.dtype)
-
-    def eval_set(self) -> Any:
-        return load_rows(self.recipe.eval.data, "eval", self.recipe.run.seed, ["prompt"])
 
 
 def run_dir(recipe: Recipe) -> Path:
@@ -140,28 +103,9 @@ def prepare_run_dir(recipe: Recipe, is_main: bool) -> Path:
 
 
 def _runner(kind: str) -> Callable[[StageContext], None]:
-    module, _, fn = STAGE_RUNNERS[kind].partition(":")
+    """The stage type's run function, from ``posttrain.config.STAGES`` (a module under posttrain/stages)."""
+    module, _, fn = STAGES[kind].runner.partition(":")
     return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
-
-
-def preflight(recipe: Recipe) -> None:
-    """Check model dirs, plugins and data files before any model loads, so bad input fails in a second."""
-    if recipe.model.name_or_path is not None:
-        check_model_path(recipe.model.name_or_path, "model.name_or_path")
-    for name, cfg in recipe.stages.items():
-        teacher = getattr(getattr(cfg, "codistill", None), "teacher", None)
-        if teacher is not None and teacher.name_or_path is not None:
-            check_model_path(teacher.name_or_path, f"stages.{name}.codistill.teacher.name_or_path")
-    check_plugins(recipe)
-    sources = [("eval.data", recipe.eval.data)] + [
-        (f"stages.{name}.data", cfg.data) for name, cfg in recipe.stages.items() if hasattr(cfg, "data")
-    ]
-    for key, data in sources:
-        if data.source != "tiny":
-            required = ["prompt"] + (
-                ["completion|answer"] if key.endswith(".data") and key != "eval.data" else []
-            )
-            check_source(data, key, required)
 
 
 def run_pipeline(recipe: Recipe) -> dict[str, dict[str, float]]:

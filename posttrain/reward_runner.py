@@ -43,6 +43,7 @@ from posttrain.config import RewardsConfig, RewardSpec
 from posttrain.errors import MissingDependencyError
 from posttrain.plugins import RewardInfo, missing_requirements, reward_info
 from posttrain.registry import REWARDS, RegistryError
+from posttrain.types import RolloutGroup
 
 Status = Literal["ok", "none", "error", "timeout", "nan", "wrong_length"]
 FAILURES: tuple[Status, ...] = ("error", "timeout", "nan", "wrong_length")
@@ -136,6 +137,33 @@ class RewardRunner:
         """Weighted totals ``[B]`` (``None``: no reward applies, or one failed) and metrics."""
         report = self.score_detailed(prompts, completions, columns)
         return report.totals, report.metrics
+
+    def score_groups(
+        self, groups: Sequence[RolloutGroup], scale_by_std: bool, eps: float
+    ) -> dict[str, float]:
+        """Score every completion of ``groups`` and fill each group's ``rewards`` (NaN = None),
+        ``advantages`` and ``zero_advantage`` in place (the rules: ``posttrain.advantages``).
+        Returns the reward metrics plus ``reward/none``, the count of unscored completions."""
+        from posttrain.advantages import group_advantages, rewards_tensor  # torch: not for `validate`
+
+        if not groups:
+            return {}
+        prompts = [g.sample.prompt for g in groups for _ in g.completions]
+        completions = [c.text for g in groups for c in g.completions]
+        keys = sorted({k for g in groups for k in g.sample.columns})
+        columns = {k: [g.sample.columns.get(k) for g in groups for _ in g.completions] for k in keys}
+        totals, metrics = self.score(prompts, completions, columns)
+        grouped, start = [], 0
+        for g in groups:
+            grouped.append(totals[start : start + len(g.completions)])
+            start += len(g.completions)
+        adv = group_advantages(rewards_tensor(grouped), scale_by_std=scale_by_std, eps=eps)
+        for i, g in enumerate(groups):
+            g.rewards = [math.nan if r is None else float(r) for r in grouped[i]]
+            g.advantages = adv.advantages[i].tolist()
+            g.zero_advantage = bool(adv.zero_advantage[i])
+        metrics["reward/none"] = float(sum(r is None for r in totals))
+        return metrics
 
     def score_detailed(
         self, prompts: list[str], completions: list[str], columns: Mapping[str, Sequence[Any]]
@@ -261,6 +289,21 @@ class RewardRunner:
                 _set(outcome, i, d[2])
             else:
                 outcome.status[i], outcome.messages[i] = d[0], d[1]
+
+
+_COUNTS = ("/errors", "/timeouts", "/nan", "/wrong_length", "/not_applicable", "/batch_failures", "/seconds")
+
+
+def merge_round_metrics(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The metrics of several ``score`` calls (a step's generation rounds) as one: counts and seconds
+    add up (``reward/<name>/errors``, ``reward/none``, ``reward/failed_samples``, …), means and stds
+    are averaged over the rounds that report them."""
+    values: dict[str, list[float]] = {}
+    for metrics in rounds:
+        for k, v in metrics.items():
+            values.setdefault(k, []).append(v)
+    counts = {k for k in values if k.endswith(_COUNTS) or k in ("reward/none", "reward/failed_samples")}
+    return {k: (sum(v) if k in counts else sum(v) / len(v)) for k, v in values.items()}
 
 
 def _call(

@@ -48,9 +48,8 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.distributed.is_initialized():
         if world == 1:
-            torch.distributed.init_process_group(
-                backend, store=torch.distributed.HashStore(), rank=0, world_size=1
-            )
+            store = torch.distributed.HashStore()  # type: ignore[attr-defined]
+            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
         deepspeed.init_distributed(
             dist_backend=backend, verbose=False
         )  # adopts the group above when world == 1
@@ -88,6 +87,9 @@ class Strategy:
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
+        self._frozen: list[Any] = []  # DeepSpeed engines of frozen models, destroyed by close()
 
     # ---------------------------------------------------------------------------------------------
     # set-up
@@ -146,9 +148,40 @@ class Strategy:
         )
         return self.engine
 
+    def frozen(self, model: torch.nn.Module) -> FrozenModel:
+        """``model`` held for forward passes only (a codistillation teacher, an RL KL reference): no
+        optimizer, no gradients, eval mode, in the training dtype; ZeRO-3-partitioned when the student
+        is (each rank keeps 1/world of its parameters, gathered layer by layer in the forward), and
+        expert-parallel when ``parallel.ep_size > 1`` and it has MoE blocks (each rank keeps its share
+        of the routed experts). Its forward is then collective: every rank calls it equally often."""
+        import deepspeed
+
+        model.eval().requires_grad_(False)
+        if self.ds.bf16:
+            model.to(torch.bfloat16)
+        ep = None
+        if self.parallel.ep_size > 1:
+            from posttrain import moe
+
+            if moe.find_moe_blocks(model):
+                ep = moe.apply_expert_parallel(model, self.parallel.ep_size)
+        if self.ds.zero_stage == 3:
+            config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "bf16": {"enabled": self.ds.bf16},
+                "steps_per_print": 10**9,
+            }
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            engine.eval()
+            self._frozen.append(engine)
+            return FrozenModel(engine, self.device, ep)
+        return FrozenModel(model.to(self.device), self.device, ep)
+
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        module: torch.nn.Module = self.engine.module
+        return module
 
     @property
     def model_is_sharded(self) -> bool:
@@ -185,10 +218,24 @@ class Strategy:
         return {} if self.ep is None else self.ep.metrics()
 
     def all_reduce_sum(self, x: float | torch.Tensor) -> float:
-        t = torch.as_tensor(x, dtype=torch.float64).clone()
-        if self.world_size > 1:
-            torch.distributed.all_reduce(t)
-        return float(t)
+        """The sum of ``x`` over ranks (a collective: every rank calls it)."""
+        return float(self.all_reduce_tensor(torch.as_tensor(x, dtype=torch.float64)))
+
+    def all_reduce_table(self, rows: list[list[float]]) -> list[list[float]]:
+        """A small table summed over ranks (every rank passes the same shape)."""
+        if self.world_size == 1 or not rows:
+            return rows
+        table: list[list[float]] = self.all_reduce_tensor(torch.tensor(rows, dtype=torch.float64)).tolist()
+        return table
+
+    def all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks, on the CPU. The reduction runs on the strategy's device (NCCL takes
+        no CPU tensors; gloo takes them), so callers never pick a device themselves."""
+        if self.world_size == 1:
+            return t.detach().cpu().clone()
+        on_device = t.detach().to(self.device, copy=True)
+        torch.distributed.all_reduce(on_device)
+        return on_device.cpu()
 
     def all_gather_list(self, items: list[Any]) -> list[Any]:
         """Every rank's ``items`` (picklable), concatenated in rank order, on every rank."""
@@ -267,9 +314,34 @@ class Strategy:
         self.barrier()
 
     def close(self) -> None:
+        for engine in self._frozen:
+            engine.destroy()
+        self._frozen = []
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
+
+
+class FrozenModel:
+    """A model for forward passes only, placed by ``Strategy.frozen``: call it like the HF model."""
+
+    def __init__(self, module: Any, device: torch.device, ep: Any = None) -> None:
+        self.module = module  # the HF model, or a DeepSpeed engine wrapping it (ZeRO-3)
+        self.device = device
+        self.ep = ep  # posttrain.moe.ExpertParallel when its experts are split over ranks
+
+    @torch.no_grad()
+    def __call__(self, **batch: torch.Tensor) -> Any:
+        """The model's output on ``batch`` (moved to the device). No KV cache: see ``Strategy.forward``."""
+        return self.module(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False)
+
+    def parameter_bytes(self) -> int:
+        """Bytes of parameters this rank holds (its ZeRO-3 partition; its experts under EP)."""
+        total = 0
+        for p in self.module.parameters():
+            held = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            total += held.numel() * held.element_size()
+        return int(total)
 
 
 def write_hf_checkpoint(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, directory: Path) -> None:

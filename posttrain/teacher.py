@@ -1,16 +1,17 @@
 """Teacher targets for codistillation, two ways.
 
 **Online**: the teacher runs forward in the same step as the student, under ``no_grad``, on the same
-batch (``online_targets``). The teacher is a plain HF model in eval mode on every rank (it may be larger
-than the student and MoE, e.g. ``recipes/model/tiny_behemoth.yaml``); it is not wrapped by DeepSpeed
-and never sees an optimizer.
+batch (``online_targets``). The stages hold the teacher through ``Strategy.frozen``: eval mode, no
+optimizer, in the training dtype, ZeRO-3-partitioned when the student is and expert-parallel when
+``parallel.ep_size > 1`` (it may be larger than the student and MoE, e.g.
+``recipes/model/tiny_behemoth.yaml``).
 
 **Offline**: ``write_offline_targets`` runs the teacher once over a tokenised corpus and stores, for
 every loss position of every example, the teacher's top-k log-probabilities (temperature 1) and
 token ids, with ``datasets`` (Arrow, memory-mapped). The distill stage reads rows of that dataset
 batch by batch (``OfflineTargets``), so the teacher is not needed while the student trains.
 
-    python -m posttrain.teacher recipe=distill_tiny stage=distill [key=value …]
+    posttrain teacher-targets recipe=distill_tiny stage=distill [key=value …]
 
 writes the targets of stage ``distill`` to its ``codistill.targets`` dir (the distill stage also
 does this itself when the dir does not exist yet and a teacher is configured).
@@ -34,11 +35,9 @@ distributions id by id. ``check_same_vocab`` enforces it for both paths.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,10 +48,12 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from posttrain.config import ConfigError, ModelConfig, first_difference
-from posttrain.data import IGNORE, Example, collate_padded
-from posttrain.losses import TeacherTargets
+from posttrain.config import ModelConfig
+from posttrain.data import Example, collate_padded
+from posttrain.losses import IGNORE_INDEX, TeacherTargets
 from posttrain.models import build_model
+from posttrain.schema import ConfigError, first_difference, to_dict
+from posttrain.strategy import FrozenModel
 
 META_FILE = "teacher_targets.json"
 FORMAT_VERSION = 2  # 2: provenance recorded
@@ -109,16 +110,18 @@ def load_teacher(cfg: ModelConfig, student_tokenizer: Any, student_vocab: int, s
 
 
 @torch.no_grad()
-def online_targets(teacher: Any, batch: dict[str, torch.Tensor], top_k: int = 0) -> TeacherTargets:
+def online_targets(
+    teacher: FrozenModel | Any, batch: dict[str, torch.Tensor], top_k: int = 0
+) -> TeacherTargets:
     """Teacher targets for ``batch`` (input_ids [B, T] + attention_mask or position_ids), aligned with
     ``shift_for_next_token``: position t predicts token t + 1, so the result covers [B, T-1].
 
     ``top_k`` > 0 keeps only the top-k log-probs (what offline targets store); 0 keeps full logits.
     """
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    device = next(teacher.parameters()).device
-    # no KV cache: with one, transformers ignores the position_ids restarts that keep packed rows apart
-    out = teacher(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False)
+    if not isinstance(teacher, FrozenModel):  # a plain HF model: run it where its weights are
+        teacher = FrozenModel(teacher, next(teacher.parameters()).device)
+    out = teacher(**inputs)  # no KV cache (it would ignore the position_ids restarts of packed rows)
     logits = out.logits[:, :-1, :].float()  # [B, T-1, V]
     if top_k <= 0:
         return TeacherTargets(logits=logits)
@@ -132,7 +135,7 @@ def online_targets(teacher: Any, batch: dict[str, torch.Tensor], top_k: int = 0)
 
 def loss_positions(labels: Sequence[int]) -> list[int]:
     """Positions t whose next token is trained on (the rows of the shifted loss)."""
-    return [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE]
+    return [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
 
 
 def _target_rows(
@@ -245,7 +248,7 @@ class OfflineTargets:
         meta_path = p / META_FILE
         if not meta_path.exists():
             raise ConfigError(
-                f"{p}: no {META_FILE}; not a teacher-targets dir (write one with `python -m posttrain.teacher`)"
+                f"{p}: no {META_FILE}; not a teacher-targets dir (write one with `posttrain teacher-targets`)"
             )
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT_VERSION:
@@ -299,29 +302,7 @@ class OfflineTargets:
 
 
 # --------------------------------------------------------------------------------------------------
-# command
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m posttrain.teacher recipe=NAME stage=STAGE [key=value …]``: write that stage's targets."""
-    parser = argparse.ArgumentParser(prog="python -m posttrain.teacher", description=main.__doc__)
-    parser.add_argument("overrides", nargs="*", help="recipe=NAME stage=STAGE, then key=value overrides")
-    args = parser.parse_args(argv)
-    from posttrain.cli import compose
-
-    stage = next((a.split("=", 1)[1] for a in args.overrides if a.startswith("stage=")), None)
-    rest = [a for a in args.overrides if not a.startswith(("stage=", "recipe="))]
-    recipe_name = next((a.split("=", 1)[1] for a in args.overrides if a.startswith("recipe=")), None)
-    try:
-        if not recipe_name or not stage:
-            raise ConfigError("usage: python -m posttrain.teacher recipe=NAME stage=STAGE [key=value …]")
-        recipe = compose(recipe_name, rest)
-        out = write_stage_targets(recipe, stage)
-    except ConfigError as e:
-        print(f"posttrain.teacher: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote teacher targets to {out}")
-    return 0
+# what a stage's offline targets depend on, and writing them
 
 
 def stage_max_len(cfg: Any) -> int:
@@ -331,7 +312,6 @@ def stage_max_len(cfg: Any) -> int:
 
 def stage_provenance(cfg: Any, seed: int) -> dict[str, Any]:
     """What a stage's offline targets depend on: teacher, k, the data rows and how they were cut."""
-    from posttrain.config import to_dict
 
     cd = cfg.codistill
     return {
@@ -347,7 +327,7 @@ def stage_provenance(cfg: Any, seed: int) -> dict[str, Any]:
 def write_stage_targets(
     recipe: Any, stage: str, student_tokenizer: Any = None, student_vocab: int | None = None
 ) -> Path:
-    """Write the offline targets a recipe's distill stage asks for (``python -m posttrain.teacher``, or
+    """Write the offline targets a recipe's distill stage asks for (``posttrain teacher-targets``, or
     the stage itself when its targets dir does not exist). With a student tokenizer and vocabulary,
     the teacher is checked against them before it runs."""
     from posttrain.data import load_rows, tokenize_sft
@@ -385,7 +365,3 @@ def _weight_files(name_or_path: str | None) -> list[list[Any]]:
         f for pattern in ("*.safetensors", "*.bin") for f in Path(name_or_path).expanduser().glob(pattern)
     )
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -65,7 +65,7 @@ class Tracker:
                 id=run_id,
                 resume="allow",
                 dir=str(stage_dir),
-                mode=mode,
+                mode=mode,  # type: ignore[arg-type]  # checked by the schema (or WANDB_MODE)
                 config=config,
                 settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s, silent=True, console="off"),
             )
@@ -110,11 +110,11 @@ class Tracker:
         if self._wandb is not None:
             import wandb
 
-            columns = ["step", *rows[0].keys()]
+            keys = list(rows[0].keys())
             if name not in self._tables:
-                self._tables[name] = wandb.Table(columns=columns, log_mode="INCREMENTAL")
+                self._tables[name] = wandb.Table(columns=["step", *keys], log_mode="INCREMENTAL")
             for r in rows:
-                self._tables[name].add_data(step, *[_plain(r.get(c)) for c in columns[1:]])
+                self._tables[name].add_data(step, *[_plain(r.get(c)) for c in keys])
             self._wandb.log({name: self._tables[name]}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+DEFAULT_CAPABILITY = "default"
+
 
 @dataclass
 class Sample:
@@ -13,6 +15,11 @@ class Sample:
     prompt: str  # raw user text (the chat template is applied by the engine/tokenizer)
     columns: dict[str, Any] = field(default_factory=dict)
     uid: str = ""  # stable id across the run (curriculum statistics are keyed by it)
+
+    @property
+    def capability(self) -> str:
+        """The ``capability`` column, or ``"default"`` for data without one (the one place that says so)."""
+        return str(self.columns.get("capability", DEFAULT_CAPABILITY))
 
 
 @dataclass
@@ -32,6 +39,16 @@ class RolloutGroup:
     completions: list[Completion]
     rewards: list[float] = field(default_factory=list)  # [n], filled by the reward step
     advantages: list[float] = field(default_factory=list)  # [n], filled by advantages.py
+    zero_advantage: bool = False  # every scored reward equal (posttrain.advantages): no learning signal
+
+    @property
+    def scored(self) -> int:
+        """Completions with a reward (``None`` rewards, carried as NaN, are neither a pass nor a fail)."""
+        return sum(1 for r in self.rewards if r == r)
+
+    def correct(self, threshold: float) -> int:
+        """Completions whose reward is at least ``threshold``."""
+        return sum(1 for r in self.rewards if r == r and r >= threshold)
 
 
 @dataclass

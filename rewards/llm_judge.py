@@ -95,7 +95,7 @@ atexit.register(close_judges)
 
 def _check(kwargs: dict[str, Any]) -> None:
     """The judge kwargs before the run starts: a checkpoint directory and a known engine."""
-    from posttrain.config import ConfigError
+    from posttrain.schema import ConfigError
 
     if "judge" not in kwargs:
         raise ConfigError(

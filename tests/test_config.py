@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from posttrain.cli import compose, list_recipes, main, recipes_dir
-from posttrain.config import ConfigError, ModelConfig, OptimConfig, parse
+from posttrain.config import ModelConfig, OptimConfig
+from posttrain.schema import ConfigError, parse
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in recipes_dir().glob("*.yaml")))

@@ -9,7 +9,8 @@ from collections import Counter
 
 import pytest
 
-from posttrain.curriculum import PoolSettings, PromptPool, StratifiedSampler, pass_at_k
+from posttrain.config import CurriculumConfig
+from posttrain.curriculum import PromptPool, StratifiedSampler, pass_at_k
 from posttrain.types import Sample
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ RATES = [i / 8 for i in range(9)] * 2  # 0, 1/8, ..., 1, twice: 18 prompts
 def test_filter_pass_keeps_exactly_the_band() -> None:
     """Band [0.25, 0.75], retire after 1 all-correct check, 8 samples: prompts at 2/8..6/8 stay
     active; 8/8 retire; 0/8 and 1/8 go to the backlog; 7/8 are easy (out, but not retired)."""
-    pool = PromptPool(_samples(RATES), PoolSettings(capacity=100, band=(0.25, 0.75), retire_after=1))
+    pool = PromptPool(_samples(RATES), CurriculumConfig(pool_size=100, band=(0.25, 0.75), retire_after=1))
     assert len(pool.uids("new")) == 18
     report = pool.filter_pass(_stub_pass(pool, n=8, step=0), step=0)
     by_rate = {uid: pool.samples[uid].columns["rate"] for uid in pool.samples}
@@ -92,7 +93,7 @@ def test_retire_only_when_reliably_solved() -> None:
     """Default band [0, 1]: a prompt at 7/8 stays trainable however often it is checked (its last
     step to 1.0 still teaches); 8/8 retires only on the ``retire_after``-th consecutive all-correct
     check, and a training group counts as a check."""
-    pool = PromptPool(_samples([0.875, 1.0, 1.0]), PoolSettings(capacity=10, retire_after=2))
+    pool = PromptPool(_samples([0.875, 1.0, 1.0]), CurriculumConfig(pool_size=10, retire_after=2))
     for step in range(3):
         pool.filter_pass({"add0": (8, 7)}, step=step)
     assert pool.stats["add0"].status == "active"
@@ -106,7 +107,7 @@ def test_retire_only_when_reliably_solved() -> None:
 
 
 def test_backlog_is_rechecked_and_returns_when_the_policy_improves() -> None:
-    pool = PromptPool(_samples([0.0, 0.5]), PoolSettings(capacity=10, backlog_recheck_every=2))
+    pool = PromptPool(_samples([0.0, 0.5]), CurriculumConfig(pool_size=10, backlog_recheck_every=2))
     pool.filter_pass(_stub_pass(pool, 8, step=0), step=0)
     assert pool.stats["add0"].status == "backlog"
     assert "add0" not in pool.due_for_check()  # skipped by the next pass ...
@@ -117,7 +118,7 @@ def test_backlog_is_rechecked_and_returns_when_the_policy_improves() -> None:
 
 
 def test_refill_tops_up_the_trainable_set_from_the_dataset() -> None:
-    pool = PromptPool(_samples(RATES), PoolSettings(capacity=6, band=(0.25, 0.75), retire_after=1))
+    pool = PromptPool(_samples(RATES), CurriculumConfig(pool_size=6, band=(0.25, 0.75), retire_after=1))
     assert len(pool.uids("new")) == 6 and pool.metrics(0)["pool/unused"] == 12
     pool.filter_pass(_stub_pass(pool, 8, step=0), step=0)
     assert len(pool.uids("new", "active")) == 6  # whatever left was replaced by fresh prompts
@@ -127,7 +128,7 @@ def test_refill_tops_up_the_trainable_set_from_the_dataset() -> None:
 def test_band_moves_toward_harder_prompts_on_schedule() -> None:
     """band [0.25, 1] -> [0.125, 0.5] over 100 steps: at step 50 it is [0.1875, 0.75]; a prompt at 6/8
     is active then, and easy at step 100."""
-    s = PoolSettings(capacity=10, band=(0.25, 1.0), band_final=(0.125, 0.5), band_steps=100)
+    s = CurriculumConfig(pool_size=10, band=(0.25, 1.0), band_final=(0.125, 0.5), band_steps=100)
     pool = PromptPool(_samples([0.75]), s)
     assert pool.band_at(50) == pytest.approx((0.1875, 0.75))
     assert pool.band_at(1000) == pytest.approx((0.125, 0.5))
@@ -141,15 +142,15 @@ def test_pool_and_sampler_state_equal_after_save_and_load() -> None:
     """Save mid-run through JSON (what a checkpoint holds), load into fresh objects built from the same
     data, and continue both: the states and the draws stay identical."""
     data = _samples(RATES, "add") + _samples(RATES, "mul")
-    settings = PoolSettings(capacity=12, band=(0.25, 1.0), retire_after=2, seed=3)
-    pool, sampler = PromptPool(data, settings), StratifiedSampler({"add": 2.0, "mul": 1.0}, seed=5)
+    settings = CurriculumConfig(pool_size=12, band=(0.25, 1.0), retire_after=2)
+    pool, sampler = PromptPool(data, settings, seed=3), StratifiedSampler({"add": 2.0, "mul": 1.0}, seed=5)
     pool.filter_pass(_stub_pass(pool, 8, step=0), step=0)
     for uid in sampler.sample(pool.trainable_by_capability(), 6):
         pool.observe(uid, 8, 8, step=1)
     pool.refill()
     saved = json.loads(json.dumps({"pool": pool.state_dict(), "sampler": sampler.state_dict()}))
 
-    pool2, sampler2 = PromptPool(data, settings), StratifiedSampler({"add": 2.0, "mul": 1.0}, seed=99)
+    pool2, sampler2 = PromptPool(data, settings, seed=3), StratifiedSampler({"add": 2.0, "mul": 1.0}, seed=99)
     pool2.load_state_dict(saved["pool"])
     sampler2.load_state_dict(saved["sampler"])
     assert pool2.state_dict() == pool.state_dict()
@@ -166,15 +167,15 @@ def test_pool_and_sampler_state_equal_after_save_and_load() -> None:
 
 
 def test_load_rejects_a_different_prompt_set() -> None:
-    pool = PromptPool(_samples(RATES), PoolSettings())
-    other = PromptPool(_samples(RATES[:-1]), PoolSettings())
+    pool = PromptPool(_samples(RATES), CurriculumConfig())
+    other = PromptPool(_samples(RATES[:-1]), CurriculumConfig())
     with pytest.raises(ValueError, match="different prompt set"):
         other.load_state_dict(pool.state_dict())
 
 
 def test_duplicate_uids_are_an_error() -> None:
     with pytest.raises(ValueError, match="unique"):
-        PromptPool([Sample("a", uid="x"), Sample("b", uid="x")], PoolSettings())
+        PromptPool([Sample("a", uid="x"), Sample("b", uid="x")], CurriculumConfig())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import torch
 
 from posttrain.config import DataConfig, ModelConfig, TinyTaskConfig
 from posttrain.data import (
-    IGNORE,
     DataError,
     check_source,
     collate_packed,
@@ -20,7 +19,7 @@ from posttrain.data import (
     pack_rows,
     tokenize_sft,
 )
-from posttrain.losses import sft_loss, shift_for_next_token
+from posttrain.losses import IGNORE_INDEX, sft_loss, shift_for_next_token
 from posttrain.models import build_model
 from posttrain.tasks import generate_rows, is_held_out
 from posttrain.tokenizer import build_char_tokenizer
@@ -56,7 +55,7 @@ def test_sft_labels_cover_completion_and_eos_only():
         .replace("<|end|>", "E")
         .replace("<|assistant|>", "A")
     )
-    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
     assert tok.decode(ids[n_prompt:]) == "15<eos>"
 

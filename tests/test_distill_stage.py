@@ -16,8 +16,9 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from posttrain.config import ConfigError, ModelConfig, parse, parse_recipe
+from posttrain.config import ModelConfig, parse_recipe
 from posttrain.models import build_model
+from posttrain.schema import ConfigError, parse
 from tests.conftest import TINY_RECIPE
 
 REPO = Path(__file__).resolve().parents[1]

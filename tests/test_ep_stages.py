@@ -29,9 +29,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from posttrain.config import ModelConfig, parse
+from posttrain.config import ModelConfig
 from posttrain.models import build_model
 from posttrain.plugins import reward
+from posttrain.schema import parse
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -226,8 +227,8 @@ def test_bad_ep_size_fails_before_any_rank_starts(run_cli, tmp_path: Path) -> No
 )
 def test_recipe_check_of_the_ep_layout(overrides: list[str], message: str | None, tmp_path: Path) -> None:
     from posttrain.cli import compose
-    from posttrain.config import ConfigError
     from posttrain.parallel import check_recipe
+    from posttrain.schema import ConfigError
 
     recipe = compose(_recipe(tmp_path, SFT_RECIPE), overrides)
     if message is None:

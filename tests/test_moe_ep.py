@@ -32,8 +32,9 @@ import pytest
 import torch
 import yaml
 
-from posttrain.config import ConfigError, ModelConfig, parse
+from posttrain.config import ModelConfig
 from posttrain.models import build_model
+from posttrain.schema import ConfigError, parse
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

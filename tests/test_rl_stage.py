@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.config import ConfigError, parse_recipe
+from posttrain.config import parse_recipe
 from posttrain.data import encode_prompt
 from posttrain.models import load_checkpoint
 from posttrain.pipeline import run_pipeline
 from posttrain.plugins import reward
+from posttrain.schema import ConfigError
 
 pytestmark = pytest.mark.vllm
 

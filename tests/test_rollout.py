@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from posttrain.config import EngineConfig, ModelConfig, SamplingConfig, parse
+from posttrain.config import EngineConfig, ModelConfig, SamplingConfig
 from posttrain.data import encode_prompt
 from posttrain.models import build_model
 from posttrain.rollout import HFEngine, RolloutEngine, VLLMEngine, make_engine, refresh_fused_moe_weights
+from posttrain.schema import parse
 from posttrain.types import RolloutGroup, Sample
 
 REPO = Path(__file__).resolve().parents[1]

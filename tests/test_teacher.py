@@ -10,17 +10,18 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from posttrain.config import CodistillConfig, ConfigError, ModelConfig, TinyTaskConfig, parse
+from posttrain.cli import main as cli_main
+from posttrain.config import CodistillConfig, ModelConfig, TinyTaskConfig
 from posttrain.data import Example, collate_padded, encode_sft
 from posttrain.losses import codistill_loss, shift_for_next_token
 from posttrain.models import build_model
+from posttrain.schema import ConfigError, parse
 from posttrain.tasks import generate_rows
 from posttrain.teacher import (
     META_FILE,
     OfflineTargets,
     VocabMismatchError,
     load_teacher,
-    main,
     online_targets,
     write_offline_targets,
 )
@@ -140,7 +141,7 @@ def test_codistill_config_checks() -> None:
         ({"targets": "x", "modes": ["fixed", "schedule"]}, r"'c.modes'"),
         ({"targets": "x", "modes": ["confidence"]}, r"'c.modes\[0\]' must be one of"),
         ({"targets": "x", "lambda0": 1.5}, r"'c.lambda0' must be in \[0, 1\]"),
-        ({"targets": "x", "divergence": "jsd", "jsd_beta": 1.0}, r"'c.jsd_beta'"),
+        ({"targets": "x", "divergence": "jsd", "jsd_beta": 1.0}, r"'c.jsd_beta' must be in \(0, 1\), got 1.0"),
         ({"targets": "x", "teacher": {"arch": "llama4"}, "top_k": 0}, r"'c.top_k' must be >= 1"),
         ({"targets": "x", "temprature": 2.0}, r"did you mean 'c.temperature'"),
     ]
@@ -167,8 +168,8 @@ def test_teacher_command_writes_a_stage_targets(tmp_path: Path, capsys: pytest.C
     }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    assert main([f"recipe={path}", "stage=distill"]) == 0
+    assert cli_main(["teacher-targets", f"recipe={path}", "stage=distill"]) == 0
     meta = json.loads((tmp_path / "targets" / META_FILE).read_text())
     assert meta["rows"] == 8 and meta["top_k"] == 4 and meta["vocab_size"] == 105
-    assert main([f"recipe={path}", "stage=nope"]) == 2
+    assert cli_main(["teacher-targets", f"recipe={path}", "stage=nope"]) == 2
     assert "recipe has no stage 'nope'" in capsys.readouterr().err

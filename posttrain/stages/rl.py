@@ -1,4 +1,4 @@
-"""Online RL: one readable loop.
+"""Online RL: one readable loop, ``run_rl -> collect -> filter_pass -> policy_update``.
 
 prompts (capability-stratified; from a curriculum pool or the whole train set)
   -> vLLM rollouts, ``sampling.n`` per prompt -> rewards -> group advantages
@@ -24,31 +24,27 @@ are scored like any other (``rollout/empty_completions``), and ``None`` rewards 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain.advantages import group_advantages, rewards_tensor, zero_advantage_mask
-from posttrain.config import ConfigError, RLConfig
-from posttrain.curriculum import PoolSettings, PromptPool, StratifiedSampler, pass_at_k
-from posttrain.data import load_rows, prompt_text
-from posttrain.evaluate import evaluate
-from posttrain.losses import aggregate, entropy_from_logits, grpo_loss, token_logprobs
-from posttrain.pipeline import StageContext
-from posttrain.reward_runner import RewardRunner
+from posttrain.config import RLConfig
+from posttrain.curriculum import PromptPool, StratifiedSampler, by_capability, count_by, group_metrics
+from posttrain.data import collate_completions, load_prompt_samples
+from posttrain.losses import aggregate, entropy_from_logits, grpo_loss, next_token_logprobs
+from posttrain.reward_runner import RewardRunner, merge_round_metrics
 from posttrain.rollout import RolloutEngine, make_engine
-from posttrain.strategy import write_hf_checkpoint
+from posttrain.schema import ConfigError
+from posttrain.stages.context import StageContext, maybe_eval, maybe_save, resume
+from posttrain.strategy import FrozenModel, Strategy, write_hf_checkpoint
 from posttrain.types import RolloutGroup, Sample
-
-log = logging.getLogger(__name__)
 
 
 def run_rl(ctx: StageContext) -> None:
@@ -56,43 +52,44 @@ def run_rl(ctx: StageContext) -> None:
     strategy, tracker = ctx.strategy, ctx.tracker
     torch.manual_seed(ctx.seed)
     model, tokenizer = ctx.load_model()
-    reference = _frozen_copy(model).to(strategy.device) if cfg.loss.kl_coef > 0 or cfg.loss.log_kl else None
+    # the KL reference: a second copy of the starting model, held (and sharded) by the strategy
+    reference = strategy.frozen(ctx.load_model()[0]) if cfg.loss.kl_coef > 0 or cfg.loss.log_kl else None
 
-    # ---- prompts, curriculum, rewards ------------------------------------------------------
+    # ---- prompts, curriculum ----------------------------------------------------------------
     context = int(cfg.engine.max_model_len or model.config.max_position_embeddings)
-    samples, skipped = load_prompts(cfg, tokenizer, ctx.seed, context)
-    by_uid = {s.uid: s for s in samples}
-    pool = PromptPool(samples, _pool_settings(cfg, ctx.seed)) if cfg.curriculum.enabled else None
-    everything = _by_capability(samples)
+    limit = min(cfg.data.max_prompt_len, context - cfg.sampling.max_tokens)
+    samples, skipped = load_prompt_samples(cfg.data, tokenizer, ctx.seed, limit, where=f"stages.{ctx.name}")
+    pool = PromptPool(samples, cfg.curriculum, ctx.seed) if cfg.curriculum.enabled else None
+    everything = by_capability(samples)
     sampler = StratifiedSampler(_capability_weights(cfg, set(everything)), seed=ctx.seed)
-    runner = RewardRunner(cfg.rewards)
-    eval_ds = ctx.eval_set() if cfg.eval_every else None
 
-    # ---- engines + resume ------------------------------------------------------------------
+    # ---- training engine, resume, rollout engine --------------------------------------------
     grad_accum = micro_batches_per_step(cfg, strategy.world_size)
     strategy.setup(model, cfg.optim, cfg.max_steps * cfg.minibatches, cfg.micro_batch_size, grad_accum)
-    state = strategy.load_state(ctx.state_dir) or {}
-    step = int(state.get("step", 0))
-    totals: dict[str, float] = dict(state.get("totals", {}))
+    state = resume(ctx, cfg.max_steps)
+    step = int(state["step"])
+    totals = Totals(**state.get("totals", {}))
     if pool is not None and "pool" in state:
         pool.load_state_dict(state["pool"])
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
-    tracker.resume_at(step)
-    engine = _start_engine(ctx, cfg, tokenizer, resumed=step > 0)
+    rollouts = Rollouts(
+        _start_engine(ctx, tokenizer, resumed=step > 0), RewardRunner(cfg.rewards), cfg, strategy, ctx.seed,
+        {s.uid: s for s in samples},
+    )  # fmt: skip
     if step == 0:
-        tracker.log({"data/prompts": len(samples), "data/skipped_long_prompts": skipped}, step=0)
-    tracker.progress(cfg.max_steps, step, desc=f"{ctx.name} (rl)")
+        tracker.log({"data/prompts": len(samples), "data/skipped_long_prompts": len(skipped)}, step=0)
 
     # ---- loop ------------------------------------------------------------------------------
     while step < cfg.max_steps:
         metrics: dict[str, Any] = {}
         if pool is not None and cfg.curriculum.refilter_every and step % cfg.curriculum.refilter_every == 0:
-            metrics |= filter_pass(pool, engine, runner, cfg, strategy, step, ctx.seed)
+            filtered = rollouts.filter_pass(pool, step)
+            metrics |= filtered.metrics
+            totals.filter_rollouts += filtered.rollouts
 
         t0 = time.perf_counter()
-        draw = pool.trainable_by_capability if pool is not None else (lambda: everything)
-        batch = collect_groups(draw, by_uid, sampler, engine, runner, cfg, strategy, step, ctx.seed)
+        batch = rollouts.collect(pool.trainable_by_capability() if pool else everything, sampler, step)
         if pool is not None:
             for uid, (n, c) in batch.outcomes.items():
                 pool.observe(uid, n, c, step)
@@ -101,23 +98,21 @@ def run_rl(ctx: StageContext) -> None:
         metrics["time/rollout_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        engine.sleep()  # GPU: the engine's weights and KV cache leave the device while training runs
-        metrics |= policy_update(strategy, batch.kept, cfg, grad_accum, tokenizer.pad_token_id, reference)
+        rollouts.engine.sleep()  # GPU: the engine's weights and KV cache leave the device while training runs
+        update = policy_update(strategy, batch.kept, cfg, grad_accum, tokenizer.pad_token_id, reference)
+        metrics |= update.metrics
         metrics["time/update_s"] = time.perf_counter() - t1
-        metrics["train/tokens_per_s"] = metrics.pop("_model_tokens", 0.0) / metrics["time/update_s"]
-        engine.wake()
-        if "train/skipped" not in metrics:
-            engine.sync_weights(strategy.full_state_dict())
-            metrics["rollout/sync_seconds"] = engine.metrics()["rollout/sync_seconds"]
+        metrics["train/tokens_per_s"] = update.model_tokens / metrics["time/update_s"]
+        rollouts.engine.wake()
+        if update.trained:
+            rollouts.engine.sync_weights(strategy.full_state_dict())
+            metrics["rollout/sync_seconds"] = rollouts.engine.metrics()["rollout/sync_seconds"]
+        else:
+            metrics["train/skipped"] = 1.0
         step += 1
-        metrics["_count/skipped_updates"] = float("train/skipped" in metrics)
 
-        for key in ("rollouts", "filter_rollouts", "groups", "groups_zero_adv", "skipped_updates"):
-            totals[key] = totals.get(key, 0.0) + metrics.pop(f"_count/{key}", 0.0)
-        metrics |= {f"total/{k}": v for k, v in totals.items()}
-        metrics["total/rollouts_all"] = (
-            totals["rollouts"] + totals["filter_rollouts"]
-        )  # completions generated
+        totals.add(batch, skipped_update=not update.trained)
+        metrics |= totals.metrics()
         if pool is not None:
             metrics |= pool.metrics(step)
         metrics["time/step_s"] = time.perf_counter() - t0
@@ -126,60 +121,46 @@ def run_rl(ctx: StageContext) -> None:
             tracker.table("rollouts", sample_rows(batch.kept or batch.dropped, cfg.samples_per_log), step)
         tracker.advance({"reward": metrics.get("reward/mean", float("nan")), "groups": batch.kept_global})
 
-        if eval_ds is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            _periodic_eval(ctx, tokenizer, eval_ds, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            client: dict[str, Any] = {"step": step, "totals": totals, "sampler": sampler.state_dict()}
-            if pool is not None:
-                client["pool"] = pool.state_dict()
-            strategy.save_state(ctx.state_dir, client)
+        maybe_eval(ctx, tokenizer, step)
+        maybe_save(ctx, step, lambda s=step: _client_state(s, totals, sampler, pool))
 
-    engine.close()
+    rollouts.engine.close()
     strategy.export_hf(ctx.checkpoint_dir, tokenizer)
 
 
-# --------------------------------------------------------------------------------------------------
-# Prompts
+def _client_state(
+    step: int, totals: Totals, sampler: StratifiedSampler, pool: PromptPool | None
+) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "step": step,
+        "totals": dataclasses.asdict(totals),
+        "sampler": sampler.state_dict(),
+    }
+    if pool is not None:
+        state["pool"] = pool.state_dict()
+    return state
 
 
-def load_prompts(cfg: RLConfig, tokenizer: Any, seed: int, context: int) -> tuple[list[Sample], int]:
-    """Train rows -> Samples (uid = row number). Prompts longer than ``data.max_prompt_len`` tokens,
-    or leaving no room for ``sampling.max_tokens`` in the context, are skipped and counted."""
-    ds = load_rows(cfg.data, "train", seed, required=["prompt"])
-    prompts = [str(p) for p in ds["prompt"]]
-    lengths = [
-        len(ids)
-        for ids in tokenizer([prompt_text(tokenizer, p) for p in prompts], add_special_tokens=False).input_ids
-    ]
-    limit = min(cfg.data.max_prompt_len, context - cfg.sampling.max_tokens)
-    columns = [c for c in ds.column_names if c != "prompt"]
-    values = {c: ds[c] for c in columns}
-    samples, too_long = [], []
-    for i, (prompt, n_tok) in enumerate(zip(prompts, lengths, strict=True)):
-        if n_tok > limit:
-            too_long.append(i)
-            continue
-        samples.append(Sample(prompt=prompt, columns={c: values[c][i] for c in columns}, uid=str(i)))
-    if too_long:
-        rows = ", ".join(map(str, too_long[:10])) + (" …" if len(too_long) > 10 else "")
-        log.warning(
-            "%s: skipped %d prompt(s) longer than %d tokens after the chat template (rows %s); raise "
-            "data.max_prompt_len (and the model context) or shorten them",
-            cfg.data.source,
-            len(too_long),
-            limit,
-            rows,
-        )
-    if not samples:
-        raise ValueError(f"{cfg.data.source}: no prompt fits in {limit} tokens; raise data.max_prompt_len")
-    return samples, len(too_long)
+@dataclass
+class Totals:
+    """Running counts over the stage (saved with the resume state, logged as ``total/*``)."""
 
+    rollouts: float = 0.0  # completions generated for training steps
+    filter_rollouts: float = 0.0  # completions generated by curriculum filter passes
+    groups: float = 0.0
+    groups_zero_adv: float = 0.0
+    skipped_updates: float = 0.0  # steps with no informative group: no update, no weight sync
 
-def _by_capability(samples: list[Sample]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    for s in samples:
-        out[str(s.columns.get("capability", "default"))].append(s.uid)
-    return dict(out)
+    def add(self, batch: StepBatch, skipped_update: bool) -> None:
+        self.rollouts += batch.rollouts
+        self.groups += len(batch.outcomes)
+        self.groups_zero_adv += batch.zero_adv_groups
+        self.skipped_updates += float(skipped_update)
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"total/{k}": v for k, v in dataclasses.asdict(self).items()}
+        out["total/rollouts_all"] = self.rollouts + self.filter_rollouts  # every completion generated
+        return out
 
 
 def _capability_weights(cfg: RLConfig, capabilities: set[str]) -> dict[str, float]:
@@ -196,22 +177,7 @@ def _capability_weights(cfg: RLConfig, capabilities: set[str]) -> dict[str, floa
     return {name: task.weight for name, task in cfg.data.tasks.items()}
 
 
-def _pool_settings(cfg: RLConfig, seed: int) -> PoolSettings:
-    c = cfg.curriculum
-    lo, hi = c.band
-    final = (c.band_final[0], c.band_final[1]) if c.band_final is not None else None
-    return PoolSettings(
-        capacity=c.pool_size,
-        band=(lo, hi),
-        band_final=final,
-        band_steps=c.band_steps,
-        retire_after=c.retire_after,
-        backlog_recheck_every=c.backlog_recheck_every,
-        seed=seed,
-    )
-
-
-def _start_engine(ctx: StageContext, cfg: RLConfig, tokenizer: Any, resumed: bool) -> RolloutEngine:
+def _start_engine(ctx: StageContext, tokenizer: Any, resumed: bool) -> RolloutEngine:
     """The rollout engine on the starting checkpoint; a resumed stage then receives the trained weights."""
     source = ctx.input_dir
     if source is None:  # the recipe's first stage: hand the freshly built model to the engine
@@ -221,10 +187,10 @@ def _start_engine(ctx: StageContext, cfg: RLConfig, tokenizer: Any, resumed: boo
             write_hf_checkpoint(ctx.strategy.module, state, tokenizer, Path(source))
         ctx.strategy.barrier()
     engine = make_engine(
-        cfg.engine.kind,
+        ctx.cfg.engine.kind,
         source,
         tokenizer,
-        cfg.engine,
+        ctx.cfg.engine,
         work_dir=ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}",
     )
     if resumed:
@@ -238,251 +204,160 @@ def _start_engine(ctx: StageContext, cfg: RLConfig, tokenizer: Any, resumed: boo
 
 @dataclass
 class StepBatch:
-    # This rank's groups to train on (rewards + advantages set): the informative ones, or every group
-    # when filter_zero_advantage is off. The rest (zero-advantage, or beyond prompts_per_step) is
-    # dropped: never collated, never forwarded.
+    """One training step's rollouts. ``kept``: this rank's groups to train on (rewards and advantages
+    set): the informative ones, or every group when ``filter_zero_advantage`` is off. The rest
+    (zero-advantage, or beyond ``prompts_per_step``) is ``dropped``: never collated, never forwarded."""
+
     kept: list[RolloutGroup] = field(default_factory=list)
     dropped: list[RolloutGroup] = field(default_factory=list)
     kept_global: int = 0  # groups to train on, all ranks
-    outcomes: dict[str, tuple[int, int]] = field(default_factory=dict)  # uid -> (n, correct), all ranks
+    outcomes: dict[str, tuple[int, int]] = field(
+        default_factory=dict
+    )  # uid -> (n scored, correct), all ranks
+    zero_adv_groups: int = 0  # all ranks
+    rollouts: int = 0  # scored completions, all ranks
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def collect_groups(
-    draw: Any,
-    by_uid: dict[str, Sample],
-    sampler: StratifiedSampler,
-    engine: RolloutEngine,
-    runner: RewardRunner,
-    cfg: RLConfig,
-    strategy: Any,
-    step: int,
-    seed: int,
-) -> StepBatch:
-    """Generate rounds of groups until ``prompts_per_step`` are informative (or ``max_gen_batches``).
+@dataclass
+class FilterPass:
+    metrics: dict[str, float]
+    rollouts: int  # scored completions, all ranks
 
-    Each round asks for the missing number of prompts divided by the informative rate seen so far
-    in this step (at least the missing number), so one refill round usually suffices. Extra
-    informative groups beyond ``prompts_per_step`` are dropped in draw order.
-    """
-    out = StepBatch()
-    want = cfg.prompts_per_step
-    used: set[str] = set()
-    all_groups: list[RolloutGroup] = []
-    score_metrics: dict[str, list[float]] = defaultdict(list)
-    stats: dict[str, float] = defaultdict(float)
-    rounds = n_informative = 0
-    while out.kept_global < want and rounds < cfg.max_gen_batches:
-        need = want - out.kept_global
-        rate = n_informative / len(out.outcomes) if out.outcomes else 1.0
-        ask = max(need, math.ceil(need / max(rate, 0.1)))
-        uids = sampler.sample(draw(), ask, exclude=used)
-        if not uids:
-            break
-        used.update(uids)
-        rounds += 1
-        mine = [by_uid[u] for u in uids[strategy.rank :: strategy.world_size]]
-        params = dataclasses.replace(cfg.sampling, seed=_seed(seed, step, rounds, strategy.rank))
-        groups = engine.generate(mine, params)
-        for k, v in engine.metrics().items():
-            stats[k] += v
-        for k, v in score(groups, runner, cfg).items():
-            score_metrics[k].append(v)
-        all_groups += groups
 
-        # per-uid (informative, n, correct) summed over ranks, so every rank makes the same choice
-        local = {g.sample.uid: g for g in groups}
-        flags = _all_reduce(
-            [
+@dataclass
+class Rollouts:
+    """What generating and scoring groups needs, bundled once for the stage: the engine, the rewards,
+    the settings, the ranks, the seed and the prompts by uid."""
+
+    engine: RolloutEngine
+    runner: RewardRunner
+    cfg: RLConfig
+    strategy: Strategy
+    seed: int
+    by_uid: dict[str, Sample]
+
+    def collect(self, trainable: Mapping[str, list[str]], sampler: StratifiedSampler, step: int) -> StepBatch:
+        """Generate rounds of groups until ``prompts_per_step`` are informative (or ``max_gen_batches``).
+
+        ``trainable``: capability -> uids to draw from. Each round asks for the missing number of
+        prompts divided by the informative rate seen so far in this step (at least the missing number),
+        so one refill round usually suffices. Extra informative groups beyond ``prompts_per_step`` are
+        dropped in draw order.
+        """
+        cfg, out = self.cfg, StepBatch()
+        want = cfg.prompts_per_step
+        used: set[str] = set()
+        generated: list[RolloutGroup] = []
+        reward_rounds: list[dict[str, float]] = []
+        engine_stats: dict[str, float] = defaultdict(float)
+        rounds = n_informative = 0
+        while out.kept_global < want and rounds < cfg.max_gen_batches:
+            need = want - out.kept_global
+            rate = n_informative / len(out.outcomes) if out.outcomes else 1.0
+            uids = sampler.sample(trainable, max(need, math.ceil(need / max(rate, 0.1))), exclude=used)
+            if not uids:
+                break
+            used.update(uids)
+            rounds += 1
+            groups, reward_metrics = self._generate(
+                uids, self.cfg.sampling, _seed(self.seed, step, rounds, self.strategy.rank)
+            )
+            reward_rounds.append(reward_metrics)
+            for k, v in self.engine.metrics().items():
+                engine_stats[k] += v
+            generated += groups
+
+            # per uid (informative, n scored, correct) summed over ranks: every rank makes the same choice
+            local = {g.sample.uid: g for g in groups}
+            flags = self.strategy.all_reduce_table(
                 [
-                    float(u in local and not _zero(local[u])),
-                    float(_scored(local[u])) if u in local else 0.0,
-                    float(_correct(local[u], cfg)) if u in local else 0.0,
+                    [float(not g.zero_advantage), float(g.scored), float(g.correct(cfg.pass_threshold))]
+                    if (g := local.get(u)) is not None
+                    else [0.0, 0.0, 0.0]
+                    for u in uids
                 ]
-                for u in uids
-            ],
-            strategy,
+            )
+            answered = [u for u, (_, n, _) in zip(uids, flags, strict=True) if n > 0]
+            informative = [u for u, (inf, n, _) in zip(uids, flags, strict=True) if inf > 0]
+            n_informative += len(informative)
+            # Plain GRPO (no filtering) trains on every group; zero-advantage ones then add only tokens
+            # to the denominator, as in TRL.
+            keep = set(informative[:need] if cfg.filter_zero_advantage else answered[:need])
+            for u, (_, n, c) in zip(uids, flags, strict=True):
+                if n > 0:
+                    out.outcomes[u] = (int(n), int(c))
+            for g in groups:
+                (out.kept if g.sample.uid in keep else out.dropped).append(g)
+            out.kept_global += len(keep)
+
+        n_groups = len(out.outcomes)
+        out.zero_adv_groups = n_groups - n_informative
+        out.rollouts = sum(n for n, _ in out.outcomes.values())
+        m: dict[str, float] = {
+            "rollout/gen_batches": float(rounds),
+            "rollout/groups": float(n_groups),
+            "rollout/groups_informative": float(n_informative),
+            "rollout/groups_trained": float(out.kept_global),
+            "rollout/zero_adv_frac": out.zero_adv_groups / max(n_groups, 1),
+            "rollout/short_step": float(out.kept_global < want),
+        }
+        # generation counts, speed and reward metrics below are this rank's share (the tracker logs rank 0)
+        for k in (
+            "tokens",
+            "seconds",
+            "empty_completions",
+            "truncated_completions",
+            "skipped_overlong",
+            "completions",
+        ):
+            m[f"rollout/{k}"] = engine_stats.get(f"rollout/{k}", 0.0)
+        m["rollout/tokens_per_s"] = (
+            m["rollout/tokens"] / m["rollout/seconds"] if m["rollout/seconds"] > 0 else 0.0
         )
-        generated = [u for u, (_, n, _) in zip(uids, flags, strict=True) if n > 0]
-        informative = [u for u, (inf, _, _) in zip(uids, flags, strict=True) if inf > 0]
-        n_informative += len(informative)
-        # Plain GRPO (no filtering) trains on every group; zero-advantage ones then add only tokens
-        # to the denominator, as in TRL.
-        keep = set(informative[:need] if cfg.filter_zero_advantage else generated[:need])
-        for u, (_, n, c) in zip(uids, flags, strict=True):
-            if n > 0:
-                out.outcomes[u] = (int(n), int(c))
-        for g in groups:
-            (out.kept if g.sample.uid in keep else out.dropped).append(g)
-        out.kept_global += len(keep)
+        m |= group_metrics(generated, cfg.pass_threshold, cfg.sampling.n)
+        m |= merge_round_metrics(reward_rounds)
+        m |= {f"train/groups/{cap}": float(n) for cap, n in count_by(out.kept, "capability").items()}
+        m |= {f"train/difficulty/{d}": float(n) for d, n in count_by(out.kept, "difficulty").items()}
+        out.metrics = m
+        return out
 
-    n_groups = len(out.outcomes)
-    n_zero = n_groups - n_informative
-    m: dict[str, float] = {
-        "rollout/gen_batches": float(rounds),
-        "rollout/groups": float(n_groups),
-        "rollout/groups_informative": float(n_informative),
-        "rollout/groups_trained": float(out.kept_global),
-        "rollout/zero_adv_frac": n_zero / max(n_groups, 1),
-        "rollout/short_step": float(out.kept_global < want),
-        "_count/rollouts": float(sum(n for n, _ in out.outcomes.values())),
-        "_count/groups": float(n_groups),
-        "_count/groups_zero_adv": float(n_zero),
-    }
-    for k in (
-        "rollout/tokens",
-        "rollout/seconds",
-        "rollout/empty_completions",
-        "rollout/truncated_completions",
-        "rollout/skipped_overlong",
-        "rollout/completions",
-    ):
-        m[k] = stats.get(k, 0.0)
-    # generation counts, speed and reward metrics below are this rank's share (the tracker logs rank 0)
-    m["rollout/tokens_per_s"] = (
-        m["rollout/tokens"] / m["rollout/seconds"] if m["rollout/seconds"] > 0 else 0.0
-    )
-    m |= _group_metrics(all_groups, cfg)
-    m |= {k: (sum(v) if _is_count(k) else sum(v) / len(v)) for k, v in score_metrics.items()}
-    m |= {f"train/groups/{cap}": float(n) for cap, n in _count_by(out.kept).items()}
-    m |= {f"train/difficulty/{d}": float(n) for d, n in _count_by(out.kept, "difficulty").items()}
-    out.metrics = m
-    return out
+    def filter_pass(self, pool: PromptPool, step: int) -> FilterPass:
+        """Sample ``curriculum.filter_samples`` completions of every due pool prompt with the current
+        policy and hand the pool the pass counts (it moves prompts in and out of the band)."""
+        t0 = time.perf_counter()
+        due = pool.due_for_check()
+        params = dataclasses.replace(self.cfg.sampling, n=self.cfg.curriculum.filter_samples)
+        groups, _ = self._generate(due, params, _seed(self.seed, step, 0, self.strategy.rank) ^ 0x5F)
+        local = {g.sample.uid: g for g in groups}
+        table = self.strategy.all_reduce_table(
+            [
+                [float(g.scored), float(g.correct(self.cfg.pass_threshold))]
+                if (g := local.get(u))
+                else [0.0, 0.0]
+                for u in due
+            ]
+        )
+        results = {u: (int(n), int(c)) for u, (n, c) in zip(due, table, strict=True) if n > 0}
+        report = pool.filter_pass(results, step, k=self.cfg.curriculum.pass_k)
+        out = {f"filter/{k}": v for k, v in report.pass_at.items()}
+        out |= {f"filter/to_{status}": float(n) for status, n in report.moved.items()}
+        out["filter/checked"] = float(report.checked)
+        out["filter/seconds"] = time.perf_counter() - t0
+        return FilterPass(out, sum(n for n, _ in results.values()))
 
-
-def score(groups: list[RolloutGroup], runner: RewardRunner, cfg: RLConfig) -> dict[str, float]:
-    """Fill ``rewards`` (NaN = None) and ``advantages`` of each group in place; returns reward metrics."""
-    if not groups:
-        return {}
-    prompts = [g.sample.prompt for g in groups for _ in g.completions]
-    completions = [c.text for g in groups for c in g.completions]
-    keys = sorted({k for g in groups for k in g.sample.columns})
-    columns = {k: [g.sample.columns.get(k) for g in groups for _ in g.completions] for k in keys}
-    totals, metrics = runner.score(prompts, completions, columns)
-    grouped, start = [], 0
-    for g in groups:
-        grouped.append(totals[start : start + len(g.completions)])
-        start += len(g.completions)
-    adv = group_advantages(rewards_tensor(grouped), scale_by_std=cfg.loss.scale_by_std, eps=cfg.loss.adv_eps)
-    for i, g in enumerate(groups):
-        g.rewards = [float("nan") if r is None else float(r) for r in grouped[i]]
-        g.advantages = adv.advantages[i].tolist()
-    metrics["reward/none"] = float(sum(r is None for r in totals))
-    return metrics
-
-
-def _zero(g: RolloutGroup) -> bool:
-    """The zero-advantage rule of posttrain.advantages (all scored rewards exactly equal; NaN = None)."""
-    return bool(zero_advantage_mask(torch.tensor([g.rewards], dtype=torch.float64))[0])
-
-
-def _scored(g: RolloutGroup) -> int:
-    """Completions with a reward (``None`` ones are neither a pass nor a fail)."""
-    return sum(1 for r in g.rewards if not math.isnan(r))
-
-
-def _correct(g: RolloutGroup, cfg: RLConfig) -> int:
-    return sum(1 for r in g.rewards if not math.isnan(r) and r >= cfg.pass_threshold)
-
-
-_COUNT_SUFFIXES = (
-    "/errors",
-    "/timeouts",
-    "/nan",
-    "/wrong_length",
-    "/not_applicable",
-    "/batch_failures",
-    "/seconds",
-)
-
-
-def _is_count(key: str) -> bool:
-    """Reward metrics that add up over a step's generation rounds (the others are averaged)."""
-    return key.endswith(_COUNT_SUFFIXES) or key in ("reward/none", "reward/failed_samples")
-
-
-def _count_by(groups: list[RolloutGroup], column: str = "capability") -> dict[str, int]:
-    """Groups per value of a data column (this rank's): capability, or difficulty when the data has it."""
-    out: dict[str, int] = defaultdict(int)
-    for g in groups:
-        if column == "capability" or column in g.sample.columns:
-            out[str(g.sample.columns.get(column, "default"))] += 1
-    return dict(out)
-
-
-def _group_metrics(groups: list[RolloutGroup], cfg: RLConfig) -> dict[str, float]:
-    """Reward mean/std and sampled pass@1 / pass@n, overall and per capability, over every group generated."""
-    per_cap: dict[str, list[RolloutGroup]] = defaultdict(list)
-    for g in groups:
-        per_cap[str(g.sample.columns.get("capability", "default"))].append(g)
-    out: dict[str, float] = {}
-    n = cfg.sampling.n
-    for name, gs in [("", groups), *((f"{c}/", v) for c, v in sorted(per_cap.items()))]:
-        rewards = [r for g in gs for r in g.rewards if not math.isnan(r)]
-        if not rewards:
-            continue
-        mean = sum(rewards) / len(rewards)
-        # overall: reward/mean, reward/std; per capability: rollout/<cap>/reward_mean (reward/<name>/…
-        # belongs to the reward runner's per-reward metrics)
-        key = "reward/" if not name else f"rollout/{name}reward_"
-        out[f"{key}mean"] = mean
-        out[f"{key}std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
-        nc = [(_scored(g), _correct(g, cfg)) for g in gs if _scored(g)]
-        out[f"rollout/{name}pass@1"] = sum(pass_at_k(a, c, 1) for a, c in nc) / len(nc)
-        out[f"rollout/{name}pass@{n}"] = sum(pass_at_k(a, c, min(n, a)) for a, c in nc) / len(nc)
-    lengths = [len(c.token_ids) for g in groups for c in g.completions]
-    if lengths:
-        out["rollout/completion_len"] = sum(lengths) / len(lengths)
-    return out
-
-
-def _all_reduce(rows: list[list[float]], strategy: Any) -> list[list[float]]:
-    """Sum a small table over ranks (every rank passes the same shape)."""
-    if strategy.world_size == 1 or not rows:
-        return rows
-    t = torch.tensor(rows, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+    def _generate(
+        self, uids: list[str], params: Any, seed: int
+    ) -> tuple[list[RolloutGroup], dict[str, float]]:
+        """This rank's share of ``uids`` (every world-th), generated with ``params`` at ``seed`` and scored."""
+        mine = [self.by_uid[u] for u in uids[self.strategy.rank :: self.strategy.world_size]]
+        groups = self.engine.generate(mine, dataclasses.replace(params, seed=seed))
+        loss = self.cfg.loss
+        return groups, self.runner.score_groups(groups, scale_by_std=loss.scale_by_std, eps=loss.adv_eps)
 
 
 def _seed(seed: int, step: int, rnd: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1009 + rnd * 101 + rank) % (2**31 - 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Curriculum filter pass
-
-
-def filter_pass(
-    pool: PromptPool,
-    engine: RolloutEngine,
-    runner: RewardRunner,
-    cfg: RLConfig,
-    strategy: Any,
-    step: int,
-    seed: int,
-) -> dict[str, float]:
-    """Sample ``filter_samples`` completions per due pool prompt with the current policy; update the pool."""
-    t0 = time.perf_counter()
-    due = pool.due_for_check()
-    mine = [pool.samples[u] for u in due[strategy.rank :: strategy.world_size]]
-    params = dataclasses.replace(
-        cfg.sampling, n=cfg.curriculum.filter_samples, seed=_seed(seed, step, 0, strategy.rank) ^ 0x5F
-    )
-    groups = engine.generate(mine, params)
-    score(groups, runner, cfg)
-    local = {g.sample.uid: (_scored(g), _correct(g, cfg)) for g in groups}
-    table = _all_reduce(
-        [[float(local.get(u, (0, 0))[0]), float(local.get(u, (0, 0))[1])] for u in due], strategy
-    )
-    results = {u: (int(n), int(c)) for u, (n, c) in zip(due, table, strict=True) if n > 0}
-    report = pool.filter_pass(results, step, k=cfg.curriculum.pass_k)
-    out = {f"filter/{k}": v for k, v in report.pass_at.items()}
-    out |= {f"filter/to_{status}": float(n) for status, n in report.moved.items()}
-    out["filter/checked"] = float(report.checked)
-    out["filter/seconds"] = time.perf_counter() - t0
-    out["_count/filter_rollouts"] = float(sum(n for n, _ in results.values()))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,6 +373,13 @@ class _Seq:
     old_logprobs: list[float] | None = None  # [T_c] the trainer's, before this step's first update
 
 
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    model_tokens: float = 0.0  # tokens forwarded by the update(s), all ranks
+    trained: bool = False  # False: no informative group on any rank, the weights did not move
+
+
 def micro_batches_per_step(cfg: RLConfig, world_size: int) -> int:
     """Micro-batches per optimizer update, fixed per run (DeepSpeed's accumulation boundary): enough
     for one of the step's ``minibatches`` shares of ``prompts_per_step * n`` sequences."""
@@ -506,8 +388,13 @@ def micro_batches_per_step(cfg: RLConfig, world_size: int) -> int:
 
 
 def policy_update(
-    strategy: Any, groups: list[RolloutGroup], cfg: RLConfig, grad_accum: int, pad_id: int, reference: Any
-) -> dict[str, float]:
+    strategy: Strategy,
+    groups: list[RolloutGroup],
+    cfg: RLConfig,
+    grad_accum: int,
+    pad_id: int,
+    reference: FrozenModel | None,
+) -> UpdateResult:
     """The step's update(s) on this rank's informative groups: ``cfg.minibatches`` optimizer steps, each
     on its share of the sequences, in exactly ``grad_accum`` micro-batches (a short step leaves some
     empty: they run a 2-token no-loss forward so every rank reaches the accumulation boundary
@@ -530,7 +417,7 @@ def policy_update(
     denoms = [strategy.all_reduce_sum(sum(len(s.ids) - s.n_prompt for s in part)) for part in parts]
     total = sum(denoms)
     if total == 0:  # no informative group on any rank: no update compute at all
-        return {"train/skipped": 1.0}
+        return UpdateResult({})
 
     def chunk(part: list[_Seq]) -> list[list[_Seq]]:
         """``grad_accum`` micro-batches; an empty one holds a 2-token no-loss dummy (equal backward counts)."""
@@ -544,7 +431,7 @@ def policy_update(
                     fwd = strategy.forward(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     )
-                    lp = _next_token_logprobs(fwd.logits, batch)[1].cpu()  # [B, T-1]
+                    lp = next_token_logprobs(fwd.logits, batch["input_ids"])[1].cpu()  # [B, T-1]
                     for b, s in enumerate(micro):
                         s.old_logprobs = lp[b, s.n_prompt - 1 : len(s.ids) - 1].tolist()
 
@@ -558,7 +445,7 @@ def policy_update(
             batch = _collate(micro, pad_id)
             model_tokens += int(batch["attention_mask"].sum())
             fwd = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits, logprobs = _next_token_logprobs(fwd.logits, batch)  # [B, T-1, V], [B, T-1]
+            logits, logprobs = next_token_logprobs(fwd.logits, batch["input_ids"])  # [B, T-1, V], [B, T-1]
             mask = batch["completion_mask"][:, 1:].to(logits.device)  # [B, T-1]
             old = (
                 logprobs.detach()
@@ -567,29 +454,21 @@ def policy_update(
             )
             ref_logprobs = None
             if reference is not None:
-                with torch.no_grad():
-                    ref_out = reference(
-                        input_ids=batch["input_ids"].to(logits.device),
-                        attention_mask=batch["attention_mask"].to(logits.device),
-                    )
-                    ref_logprobs = _next_token_logprobs(ref_out.logits, batch)[1]  # [B, T-1]
+                ref_out = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                ref_logprobs = next_token_logprobs(ref_out.logits, batch["input_ids"])[1].to(
+                    logits.device
+                )  # [B, T-1]
             if cfg.loss.entropy_coef > 0:
                 entropy = entropy_from_logits(logits)  # [B, T-1]
             else:
                 with torch.no_grad():
                     entropy = entropy_from_logits(logits.detach())
             per_token, m = grpo_loss(
-                logprobs,
-                old,
-                batch["advantages"].to(logits.device),
-                mask,
-                clip_low=cfg.loss.clip_low,
-                clip_high=cfg.loss.clip_high,
-                ref_logprobs=ref_logprobs,
-                kl_coef=cfg.loss.kl_coef,
-                entropy=entropy,
-                entropy_coef=cfg.loss.entropy_coef,
-            )
+                logprobs, old, batch["advantages"].to(logits.device), mask,
+                clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
+                ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef,
+                entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
+            )  # fmt: skip
             loss = aggregate(per_token, mask, denom)
             strategy.backward(loss)
             strategy.step()
@@ -616,60 +495,24 @@ def policy_update(
         # first update's sequences): ~0 when the weight sync is right
         "train/rollout_logprob_diff": strategy.all_reduce_sum(sums["logprob_diff"])
         / max(strategy.all_reduce_sum(sums["logprob_tokens"]), 1.0),
-        "_model_tokens": strategy.all_reduce_sum(model_tokens),
     }
-    if cfg.minibatches > 1:
-        out["train/ratio_max"] = sums[
-            "ratio_max"
-        ]  # this rank's: 1 on-policy, > 1 once the later updates drift
+    if cfg.minibatches > 1:  # this rank's: 1 on-policy, > 1 once the later updates drift
+        out["train/ratio_max"] = sums["ratio_max"]
     if reference is not None:
         out["train/kl"] = strategy.all_reduce_sum(sums["kl"]) / total
     if (norm := strategy.grad_norm()) is not None:
         out["train/grad_norm"] = norm
-    return out
-
-
-def _next_token_logprobs(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A forward's logits [B, T, V] on a collated batch -> (logits [B, T-1, V] predicting tokens 1..T-1,
-    the log-probs of those tokens [B, T-1])."""
-    shifted = logits[:, :-1]
-    return shifted, token_logprobs(shifted, batch["input_ids"][:, 1:].to(shifted.device))
+    return UpdateResult(out, model_tokens=strategy.all_reduce_sum(model_tokens), trained=True)
 
 
 def _collate(seqs: list[_Seq], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids/attention_mask/completion_mask [B, T], advantages [B],
-    sampling_logprobs / old_logprobs [B, T-1] aligned with the shifted targets (old: 0 where unknown)."""
-    width = max(len(s.ids) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
-    attn = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, T]
-    comp = torch.zeros(len(seqs), width, dtype=torch.bool)  # [B, T]
-    sampling = torch.zeros(len(seqs), width - 1, dtype=torch.float32)  # [B, T-1]
-    old = torch.zeros(len(seqs), width - 1, dtype=torch.float32)  # [B, T-1]
-    for i, s in enumerate(seqs):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        attn[i, : len(s.ids)] = 1
-        comp[i, s.n_prompt : len(s.ids)] = True
-        sampling[i, s.n_prompt - 1 : len(s.ids) - 1] = torch.tensor(s.sampling_logprobs, dtype=torch.float32)
-        if s.old_logprobs is not None:
-            old[i, s.n_prompt - 1 : len(s.ids) - 1] = torch.tensor(s.old_logprobs, dtype=torch.float32)
-    adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)  # [B]
-    return {
-        "input_ids": ids, "attention_mask": attn, "completion_mask": comp, "advantages": adv,
-        "sampling_logprobs": sampling, "old_logprobs": old,
-    }  # fmt: skip
-
-
-def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
-# --------------------------------------------------------------------------------------------------
-# Dashboard helpers
+    """``collate_completions`` plus advantages [B]; old_logprobs are 0 where unknown."""
+    batch = collate_completions(
+        [(s.ids, s.n_prompt) for s in seqs], pad_id,
+        sampling_logprobs=[s.sampling_logprobs for s in seqs], old_logprobs=[s.old_logprobs for s in seqs],
+    )  # fmt: skip
+    batch["advantages"] = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)  # [B]
+    return batch
 
 
 def sample_rows(groups: list[RolloutGroup], k: int) -> list[dict[str, Any]]:
@@ -681,27 +524,12 @@ def sample_rows(groups: list[RolloutGroup], k: int) -> list[dict[str, Any]]:
             key=lambda i: -(g.rewards[i] if not math.isnan(g.rewards[i]) else -math.inf),
         )
         for i in dict.fromkeys([order[0], order[-1]]):
+            reward = None if math.isnan(g.rewards[i]) else g.rewards[i]
             rows.append(
-                {
-                    "prompt": g.sample.prompt,
-                    "capability": str(g.sample.columns.get("capability", "default")),
-                    "completion": g.completions[i].text,
-                    "reward": None if math.isnan(g.rewards[i]) else g.rewards[i],
-                    "advantage": g.advantages[i],
-                }
-            )
+                {"prompt": g.sample.prompt, "capability": g.sample.capability, "completion": g.completions[i].text,
+                 "reward": reward, "advantage": g.advantages[i]}
+            )  # fmt: skip
     return rows[:k]
 
 
-def _periodic_eval(ctx: StageContext, tokenizer: Any, eval_ds: Any, step: int) -> None:
-    """Held-out greedy/sampled pass@1 of the current weights on rank 0 (ZeRO-3 / expert-parallel weights gathered)."""
-    strategy = ctx.strategy
-    state = strategy.full_state_dict() if strategy.model_is_sharded else None
-    if not strategy.is_main:
-        return
-    model = strategy.module
-    if state is not None:
-        model, _ = ctx.load_model()
-        model.load_state_dict(state)
-    metrics = evaluate(model, tokenizer, eval_ds, ctx.recipe.eval, seed=ctx.seed + step)
-    ctx.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+__all__ = ["Rollouts", "StepBatch", "UpdateResult", "micro_batches_per_step", "policy_update", "run_rl"]

@@ -1,0 +1,95 @@
+"""What a stage runner receives, and the chores every stage loop does the same way.
+
+A stage is one function ``run_<type>(ctx: StageContext) -> None`` that reads top to bottom and writes
+``ctx.checkpoint_dir``. The chores are plain calls, not callbacks::
+
+    state = resume(ctx, total_steps)                  # restore the strategy's state; cut metrics back
+    ...
+    maybe_eval(ctx, tokenizer, step)                  # held-out eval every cfg.eval_every steps
+    maybe_save(ctx, step, lambda: {"step": step})     # resume state every cfg.save_every steps
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import Recipe
+from posttrain.data import load_rows
+from posttrain.evaluate import evaluate
+from posttrain.models import build_model, load_checkpoint
+from posttrain.strategy import Strategy
+from posttrain.tracking import Tracker
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    name: str
+    cfg: Any  # the stage's config dataclass (SFTConfig, RLConfig, …): posttrain.config.STAGES
+    stage_dir: Path
+    input_dir: Path | None  # previous stage's checkpoint; None: build from recipe.model
+    strategy: Strategy
+    tracker: Tracker
+    seed: int
+    _eval_rows: Any = field(default=None, repr=False)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.stage_dir / "checkpoint"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.stage_dir / "state"
+
+    def load_model(self) -> tuple[Any, Any]:
+        """A fresh copy of the model this stage starts from, and its tokenizer."""
+        if self.input_dir is None:
+            return build_model(self.recipe.model, seed=self.seed)
+        return load_checkpoint(self.input_dir, self.recipe.model.dtype)
+
+    def eval_set(self) -> Any:
+        """The recipe's held-out rows (loaded once)."""
+        if self._eval_rows is None:
+            self._eval_rows = load_rows(self.recipe.eval.data, "eval", self.recipe.run.seed, ["prompt"])
+        return self._eval_rows
+
+
+def resume(ctx: StageContext, total_steps: int) -> dict[str, Any]:
+    """Restore the strategy's saved state (weights, optimizer, scheduler, RNG) if there is one, drop the
+    metrics rows logged after it, and start the progress bar. Returns the loop's own saved state
+    (``{"step": 0}`` on a fresh start). Call after ``strategy.setup``."""
+    state = ctx.strategy.load_state(ctx.state_dir) or {"step": 0}
+    step = int(state.get("step", 0))
+    ctx.tracker.resume_at(step)
+    ctx.tracker.progress(total_steps, step, desc=f"{ctx.name} ({ctx.cfg.type})")
+    return state
+
+
+def maybe_eval(ctx: StageContext, tokenizer: Any, step: int) -> None:
+    """Every ``cfg.eval_every`` steps (not at the last: the pipeline evaluates every finished stage):
+    held-out greedy/sampled pass@1 of the current weights, logged as ``eval/*``. Collective when the
+    model is sharded (ZeRO-3 or expert-parallel): every rank calls it at the same steps."""
+    every, last = int(getattr(ctx.cfg, "eval_every", 0)), int(ctx.cfg.max_steps)
+    if not every or step % every or step >= last:
+        return
+    strategy = ctx.strategy
+    state = strategy.full_state_dict() if strategy.model_is_sharded else None
+    if not strategy.is_main:
+        return
+    model = strategy.module
+    if state is not None:
+        model, _ = ctx.load_model()
+        model.load_state_dict(state)
+    metrics = evaluate(model, tokenizer, ctx.eval_set(), ctx.recipe.eval, seed=ctx.seed + step)
+    ctx.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+
+
+def maybe_save(ctx: StageContext, step: int, client_state: Callable[[], dict[str, Any]]) -> None:
+    """Every ``cfg.save_every`` steps (not at the last: the stage then exports its checkpoint), save the
+    resume state: the strategy's plus ``client_state()`` (the loop's own: step, curriculum, …)."""
+    every, last = int(ctx.cfg.save_every), int(ctx.cfg.max_steps)
+    if every and step % every == 0 and step < last:
+        ctx.strategy.save_state(ctx.state_dir, client_state())
