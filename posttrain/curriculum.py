@@ -36,6 +36,8 @@ from typing import Any, Literal
 from posttrain.config import CurriculumConfig
 from posttrain.types import RolloutGroup, Sample
 
+POOL_FILE = "prompt_pool.json"  # an RL stage's final PromptPool.state_dict(), beside its checkpoint
+
 Status = Literal["new", "active", "easy", "backlog", "retired"]
 TRAINABLE: tuple[Status, ...] = ("new", "active")
 

@@ -113,6 +113,13 @@ def _check_jsonl(path: Path) -> None:
                 raise DataError(f"{path}: row {i} is a {type(row).__name__}, expected a JSON object")
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, written to a temporary file and renamed: a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
 # --------------------------------------------------------------------------------------------------
 # tokenising
 

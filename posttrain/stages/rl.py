@@ -36,8 +36,15 @@ from typing import Any
 import torch
 
 from posttrain.config import RLConfig
-from posttrain.curriculum import PromptPool, StratifiedSampler, by_capability, count_by, group_metrics
-from posttrain.data import collate_completions, load_prompt_samples
+from posttrain.curriculum import (
+    POOL_FILE,
+    PromptPool,
+    StratifiedSampler,
+    by_capability,
+    count_by,
+    group_metrics,
+)
+from posttrain.data import collate_completions, load_prompt_samples, write_json_atomic
 from posttrain.losses import aggregate, entropy_from_logits, grpo_loss, next_token_logprobs
 from posttrain.reward_runner import RewardRunner, merge_round_metrics
 from posttrain.rollout import RolloutEngine, make_engine
@@ -126,6 +133,8 @@ def run_rl(ctx: StageContext) -> None:
 
     rollouts.engine.close()
     strategy.export_hf(ctx.checkpoint_dir, tokenizer)
+    if pool is not None and strategy.is_main:  # the final pool: a later stage (DPO) reads the hard prompts
+        write_json_atomic(ctx.stage_dir / POOL_FILE, pool.state_dict())
 
 
 def _client_state(
