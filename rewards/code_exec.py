@@ -1,15 +1,33 @@
 """Code reward: run the completion against the sample's unit tests in a sandbox (HumanEval format).
 
 Each sample needs a ``test`` column (Python source defining ``check(candidate)``) and an
-``entry_point`` column (the function's name). The program that runs is::
+``entry_point`` column (the function's name). The untrusted program is::
 
     <code_prefix column, else the prompt> + <code from the completion>
-    <test>
-    check(<entry_point>)
 
 so a completion may continue the prompt's function (HumanEval style) or give a whole function,
-fenced or not (chat style; see ``humaneval_program``). The score is 1.0 when the
-program exits cleanly. Every program runs in its own ``posttrain.sandbox`` process.
+fenced or not (chat style; see ``humaneval_solution``).
+
+The rule: the score is 1.0 only when the test's own process confirms that ``check(candidate)``
+ran to completion, having called the candidate at least once. Nothing the program does can
+produce that confirmation. The reason: a reward counted from the program's exit status (or from
+anything it prints) is gamed within hours of RL on real code data: ``sys.exit(0)`` or
+``os._exit(0)`` before the tests, a tracer that jumps over the asserts, a patched ``abs`` or
+``math.isclose``, a ``check`` of its own, a return value equal to everything. In one interpreter
+none of that can be ruled out, since the program can reach and patch whatever the harness uses.
+
+So the program and the tests never share an interpreter (``posttrain.sandbox.run_check``). The
+program runs in one sandbox and only answers calls to its entry point with plain data (numbers,
+strings, bytes and containers of them, never objects with methods of their own). The prompt
+(trusted: its imports and helpers, when it parses alone) and the test run in a second sandbox,
+which holds the only pipe a verdict can arrive on. The program's exit status, stdout and stderr
+are never read for scoring. Both sandboxes keep their own isolation (namespaces, or seccomp +
+Landlock + audit hook).
+
+What this costs: a test whose arguments are not plain data (a function, an object) cannot run
+(every completion scores 0 on it), a candidate returning a generator or an object of its own
+fails, and the test does not see how the candidate mutated an argument. All 164 HumanEval tasks
+fit; their canonical solutions all pass.
 """
 
 from __future__ import annotations
@@ -20,7 +38,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from posttrain.plugins import reward
-from posttrain.sandbox import Isolation, SandboxLimits, SandboxResult, run_python
+from posttrain.sandbox import CheckResult, Isolation, SandboxLimits, run_check
 
 _FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -37,33 +55,30 @@ def extract_code(completion: str) -> str:
     return m.group(1) if m else completion
 
 
-def humaneval_program(prefix: str, completion: str, test: str, entry_point: str) -> str:
-    """The program ``code_exec`` runs for one sample.
+def humaneval_solution(prefix: str, completion: str, entry_point: str) -> str:
+    """The untrusted program ``code_exec`` runs for one sample: prefix and completion, no tests.
 
     A completion that continues the prefix is appended to it. A completion that defines the entry
     point itself keeps the prefix in front (its imports and helpers; the stub gets redefined) when
     the prefix is valid Python on its own, and runs alone otherwise.
 
-    >>> print(humaneval_program("def inc(x):\\n", "    return x + 1\\n", "def check(f):\\n    assert f(1) == 2\\n", "inc"))
+    >>> print(humaneval_solution("def inc(x):\\n", "    return x + 1\\n", "inc"))
     def inc(x):
         return x + 1
     <BLANKLINE>
-    <BLANKLINE>
-    def check(f):
-        assert f(1) == 2
-    <BLANKLINE>
-    <BLANKLINE>
-    check(inc)
-    <BLANKLINE>
-    >>> humaneval_program("def inc(x):\\n", "```python\\ndef inc(x):\\n    return x + 1\\n```", "", "inc").startswith("def inc(x):\\n    return")
+    >>> humaneval_solution("def inc(x):\\n", "```python\\ndef inc(x):\\n    return x + 1\\n```", "inc").startswith("def inc(x):\\n    return")
     True
     """
     code = extract_code(completion)
     if re.search(rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
-        program = f"{prefix}\n{code}" if _parses(prefix) else code
-    else:
-        program = prefix + code
-    return f"{program}\n\n{test}\n\ncheck({entry_point})\n"
+        return f"{prefix}\n{code}" if _parses(prefix) else code
+    return prefix + code
+
+
+def humaneval_setup(prefix: str) -> str:
+    """The trusted code the test's process runs before the test: the prefix when it parses alone
+    (a HumanEval prompt: its imports and the helpers its tests call), else nothing."""
+    return prefix if _parses(prefix) else ""
 
 
 def _parses(source: str) -> bool:
@@ -98,14 +113,23 @@ def code_exec(
     [1.0, 0.0]
     """
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb)
-    jobs: dict[int, str] = {}
+    jobs: dict[int, tuple[str, str, str, str]] = {}
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         if test[i] and entry_point[i]:
             prefix = code_prefix[i] if code_prefix is not None else prompt
-            jobs[i] = humaneval_program(prefix, completion, str(test[i]), str(entry_point[i]))
+            name = str(entry_point[i])
+            jobs[i] = (
+                humaneval_solution(prefix, completion, name),
+                name,
+                str(test[i]),
+                humaneval_setup(prefix),
+            )
+
+    def run(job: tuple[str, str, str, str]) -> CheckResult:
+        solution, name, tests, setup = job
+        return run_check(solution, name, tests, setup, limits, isolation)
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        results: list[SandboxResult] = list(
-            ex.map(lambda code: run_python(code, limits, isolation=isolation), jobs.values())
-        )
-    passed = dict(zip(jobs, (1.0 if r.status == "ok" else 0.0 for r in results), strict=True))
+        results = list(ex.map(run, jobs.values()))
+    passed = dict(zip(jobs, (1.0 if r.passed else 0.0 for r in results), strict=True))
     return [passed.get(i) for i in range(len(prompts))]

@@ -20,7 +20,8 @@ from posttrain import cli_rewards
 from posttrain.config import ConfigError, RewardsConfig, RewardSpec
 from posttrain.plugins import reward
 from posttrain.reward_runner import RewardRunner, bind_rewards
-from rewards.code_exec import code_exec
+from posttrain.sandbox import run_python
+from rewards.code_exec import code_exec, humaneval_solution
 from rewards.exact_match import exact_match
 from rewards.format import format_reward
 from rewards.length_penalty import length_penalty
@@ -40,6 +41,7 @@ BUILTINS = ["code_exec", "exact_match", "format", "length_penalty", "llm_judge",
         "rewards.llm_judge",
         "posttrain.reward_runner",
         "posttrain.sandbox",
+        "posttrain.sandbox.harness",
     ],
 )
 def test_doctests(module: str) -> None:
@@ -134,6 +136,44 @@ def test_code_exec_chat_style_fenced_code_prefix_and_failures() -> None:
         entry_point=["square"],
         code_prefix=["def square(x):\n"],
     ) == [1.0]
+
+
+def test_code_exec_scores_forged_passes_zero() -> None:
+    """Completions that end their process with status 0 before or during the tests, skip the
+    asserts with a tracer, or return a value equal to everything score 0; a correct one scores 1.
+    Each forgery is checked to fool the naive scorer (program, tests and call in one interpreter,
+    a pass = exit status 0), so none scores 0 for some other reason. tests/test_sandbox.py runs
+    the full battery in both isolation modes."""
+    prompt = "def square(x):\n"
+    test = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(-3) == 9\n    assert True\n"
+    settrace = (
+        "    return 0\nimport sys\ndef _t(frame, event, arg):\n    if frame.f_code.co_name != 'check':\n"
+        "        return None\n    last = max(line for _, _, line in frame.f_code.co_lines() if line)\n"
+        "    def local(f, e, a):\n        if e == 'line' and f.f_lineno < last:\n            f.f_lineno = last\n"
+        "        return local\n    return local\nsys.settrace(_t)\n"
+    )
+    forged = {
+        "sys.exit(0)": "    return 0\nimport sys\nsys.exit(0)\n",
+        "raise SystemExit(0)": "    return 0\nraise SystemExit(0)\n",
+        "os._exit(0)": "    return 0\nimport os\nos._exit(0)\n",
+        "os._exit(0) when called": "    import os\n    os._exit(0)\n",
+        "sys.exit(0), chat style": "Done:\n```python\ndef square(x):\n    return 0\nimport sys\nsys.exit(0)\n```\n",
+        "settrace skips the asserts": settrace,
+        "equal to everything": "    class E:\n        def __eq__(self, other):\n            return True\n    return E()\n",
+    }
+    for name, completion in forged.items():  # each one fools the naive scorer
+        naive = humaneval_solution(prompt, completion, "square") + f"\n\n{test}\n\ncheck(square)\n"
+        assert run_python(naive).status == "ok", name
+    completions = [*forged.values(), "    return x * x\n", "    return x + x\n"]
+    scores = code_exec(
+        [prompt] * len(completions),
+        completions,
+        test=[test] * len(completions),
+        entry_point=["square"] * len(completions),
+    )
+    assert scores == [0.0] * len(forged) + [1.0, 0.0], dict(
+        zip([*forged, "right", "wrong"], scores, strict=True)
+    )
 
 
 def test_code_exec_humaneval_canonical_solutions_pass_and_broken_ones_fail() -> None:
@@ -283,7 +323,7 @@ import sys
 sys.modules["math_verify"] = None  # as if math-verify were not installed
 import rewards
 from posttrain.registry import REWARDS
-from posttrain.config import RewardsConfig, RewardSpec
+from posttrain.config import ConfigError, RewardsConfig, RewardSpec
 from posttrain.reward_runner import RewardRunner
 fn = REWARDS.get("math_verify")
 for attempt in (lambda: RewardRunner(RewardsConfig(specs=(RewardSpec("math_verify"),))),
@@ -311,7 +351,7 @@ def test_example_plugin_is_found_through_its_entry_point(tmp_path: Path) -> None
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr
     code = """
-from posttrain.config import RewardsConfig, RewardSpec
+from posttrain.config import ConfigError, RewardsConfig, RewardSpec
 from posttrain.reward_runner import RewardRunner
 from posttrain import cli_rewards
 print([row for row in cli_rewards.reward_table() if row[0] == "shout"])

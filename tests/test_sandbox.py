@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.sandbox import MemoryCgroup, SandboxLimits, SandboxResult, run_python
+from posttrain.sandbox import CheckResult, MemoryCgroup, SandboxLimits, SandboxResult, run_check, run_python
 
 MODES = [
     pytest.param(
@@ -100,6 +100,7 @@ class Host:
             self.venv / f"pwned-{self.mark}",
             self.venv / f"pwned-sh-{self.mark}",
             self.venv / f"pwned-fork-exec-{self.mark}",
+            self.venv / f"pwned-dirfd-{self.mark}",
             Path("/tmp") / f"pwned-{self.mark}",
             Path("/dev/shm") / f"pwned-{self.mark}",
             Path("/var/tmp") / f"pwned-{self.mark}",
@@ -207,6 +208,49 @@ def hostile_snippets(h: Host, mode: str) -> dict[str, str]:
             "if libc.mount(b'none', b'/mnt', b'tmpfs', 0, None) == 0:\n    print('ESCAPED')"
         ),
     }
+    # the audit hook is in the same interpreter as the program: attacks on the hook itself
+    snippets |= {
+        "a directory fd from a readable directory": (
+            f"import os\nd = os.open({str(venv)!r}, os.O_RDONLY)\n"
+            f"os.open('pwned-dirfd-{mark}', os.O_WRONLY | os.O_CREAT, dir_fd=d)\nprint('ESCAPED')"
+        ),
+        # the hook resolves a relative path from the current directory, the kernel from dir_fd;
+        # no ESCAPED: namespaces mode lets the program write its own /tmp
+        "chdir below the working directory, then dir_fd": (
+            "import os\ndepth = os.getcwd().count('/')\nos.makedirs('/'.join(['d'] * depth))\n"
+            "work = os.open('.', os.O_RDONLY)\nos.chdir('/'.join(['d'] * depth))\n"
+            f"os.open('../' * depth + 'tmp/pwned-{mark}', os.O_WRONLY | os.O_CREAT, dir_fd=work)"
+        ),
+        "rebind os.path.realpath": (
+            "import os, posixpath\nhere = os.getcwd()\nposixpath.realpath = lambda p, **k: here\n"
+            f"open('{venv}/pwned-{mark}', 'w').write('x')\nprint('ESCAPED')"
+        ),
+        "a str subclass that lies": (
+            "class S(str):\n    def __str__(self):\n        return 'inside.txt'\n"
+            f"open(S('{venv}/pwned-{mark}'), 'w').write('x')\nprint('ESCAPED')"
+        ),
+        "rewrite the hook's globals": (
+            "import sys\ng = sys._getframe(1).f_globals\n"
+            "g['_DENIED_EVENTS'], g['_PATH_EVENTS'] = ('nothing',), {}\n"
+            "import ctypes\nlibc = ctypes.CDLL(None)\n"
+            f"if libc.open(b'{venv}/pwned-{mark}', 0o101, 0o644) >= 0:\n    print('ESCAPED')"
+        ),
+        "rewrite the hook's closure through gc": (
+            "import gc, os\nfor o in gc.get_objects():\n    if type(o).__name__ == 'function' and o.__closure__:\n"
+            "        for c in o.__closure__:\n            if c.cell_contents == os.getcwd():\n"
+            f"                c.cell_contents = '/'\nopen('{venv}/pwned-{mark}', 'w').write('x')\nprint('ESCAPED')"
+        ),
+    }
+    if mode == "namespaces" or _landlock_abi() > 0:
+        # below the audit hook: no "open" event, and the module-name rule is sidestepped; only the
+        # kernel (Landlock, in audit mode) stops it. Without Landlock audit mode would let it through.
+        snippets["shm_open below the audit hook"] = (
+            "import importlib.util, os, sys\n"
+            "lib = [p for p in sys.path if p.endswith('lib-dynload')][0]\n"
+            "so = [os.path.join(lib, n) for n in os.listdir(lib) if n.startswith('_posixshmem')][0]\n"
+            "m = importlib.util.module_from_spec(importlib.util.spec_from_file_location('x._posixshmem', so))\n"
+            f"m.shm_open('/pwned-{mark}', os.O_CREAT | os.O_RDWR, 0o600)"
+        )
     if mode == "audit":
         # audit mode allows one thread (namespaces mode: max_procs, in its own PID namespace)
         snippets["thread below threading"] = (
@@ -224,6 +268,12 @@ def hostile_snippets(h: Host, mode: str) -> dict[str, str]:
             "kill everything": "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('ESCAPED')",
         }
     return snippets
+
+
+def _landlock_abi() -> int:
+    from posttrain.sandbox import child
+
+    return child.landlock_abi()
 
 
 def _sandbox_processes() -> list[str]:
@@ -344,3 +394,292 @@ def test_namespaces_mode_sees_no_host_processes_and_an_empty_tmp(tmp_path: Path)
     pid, ppid = map(int, r.stdout.splitlines()[0].split())
     assert (pid, ppid) == (2, 1)  # PID 1 is the sandbox's reaper; the host's processes are not visible
     assert r.stdout.splitlines()[1:] == ["True", "True True"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Forged passes: run_check counts a pass only on the test process's own confirmation
+#
+# Each forgery is a wrong ``inc`` that tries to be scored as passing. It first writes FORGERY-RAN
+# to its stderr (at the moment it acts: forgeries inside the candidate write it when called), so
+# the test sees that it ran. ``naive`` marks those that do fool the obvious harness (program and
+# tests in one interpreter, a pass = exit status 0); that is checked too, so none of them is a
+# forgery in name only.
+
+PROMPT = 'def inc(x):\n    """x + 1"""\n'
+TEST = (
+    "import math\n\n\ndef check(candidate):\n    assert candidate(1) == 2\n    assert candidate(41) == 42\n"
+    "    assert math.isclose(candidate(2.5), 3.5)\n    assert abs(candidate(-1)) < 1e-9\n    assert True\n"
+)
+TEST_EQ = "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(41) == 42\n"
+TRACE = "import os as _os\n_os.write(2, b'FORGERY-RAN\\n')\n"
+WRONG = "def inc(x):\n    return 0\n"
+
+
+@dataclass(frozen=True)
+class Forgery:
+    code: str  # the whole solution (it runs after PROMPT)
+    naive: bool  # fools the one-interpreter, exit-status harness
+    test: str = TEST
+
+
+FORGERIES = {
+    "sys.exit(0) before the tests": Forgery(TRACE + WRONG + "import sys\nsys.exit(0)\n", True),
+    "raise SystemExit(0)": Forgery(TRACE + WRONG + "raise SystemExit(0)\n", True),
+    "os._exit(0)": Forgery(TRACE + WRONG + "import os\nos._exit(0)\n", True),
+    # `python -I -S` (the sandbox) has no site module, so no exit()/quit(): the NameError path is real
+    "exit()": Forgery(
+        TRACE + WRONG + "import sys\ntry:\n    exit()\nexcept NameError:\n    sys.exit()\n", True
+    ),
+    "quit()": Forgery(
+        TRACE + WRONG + "import sys\ntry:\n    quit(0)\nexcept NameError:\n    sys.exit(0)\n", True
+    ),
+    "sys.exit(0) inside the candidate": Forgery(
+        "def inc(x):\n    import os, sys\n    os.write(2, b'FORGERY-RAN\\n')\n    sys.exit(0)\n", True
+    ),
+    "os._exit(0) inside the candidate": Forgery(
+        "def inc(x):\n    import os\n    os.write(2, b'FORGERY-RAN\\n')\n    os._exit(0)\n", True
+    ),
+    "SystemExit from a __del__ at call time": Forgery(
+        "import os, sys\nclass D:\n    def __del__(self):\n        os.write(2, b'FORGERY-RAN\\n')\n        os._exit(0)\n"
+        "def inc(x):\n    D()\n    return 0\n",
+        True,
+    ),
+    "patch builtins (abs, AssertionError) and math.isclose": Forgery(
+        TRACE + "import builtins, math\nbuiltins.abs = lambda v: 0\nclass _Never(Exception):\n    pass\n"
+        "builtins.AssertionError = _Never\nmath.isclose = lambda *a, **k: True\ndef inc(x):\n    return 0\n",
+        True,
+        "import math\n\n\ndef check(candidate):\n    assert math.isclose(candidate(1), 2)\n"
+        "    assert abs(candidate(41) - 42) < 1e-9\n",
+    ),
+    "a check that always passes, rebound over the test's": Forgery(
+        TRACE + "import sys\ndef check(candidate):\n    pass\n_mine = check\n"
+        "def _tracer(frame, event, arg):\n    if frame.f_globals.get('check') is not _mine:\n"
+        "        frame.f_globals['check'] = _mine\n    return _tracer\n"
+        "sys._getframe().f_trace = _tracer\nsys.settrace(lambda *a: None)\n" + WRONG,
+        True,
+    ),
+    "sys.settrace jumps over the asserts": Forgery(
+        TRACE + WRONG + "import sys\ndef _t(frame, event, arg):\n    if frame.f_code.co_name != 'check':\n"
+        "        return None\n    last = max(line for _, _, line in frame.f_code.co_lines() if line)\n"
+        "    def local(f, e, a):\n        if e == 'line' and f.f_lineno < last:\n            f.f_lineno = last\n"
+        "        return local\n    return local\nsys.settrace(_t)\n",
+        True,
+    ),
+    "sys.setprofile ends the run when check starts": Forgery(
+        TRACE + WRONG + "import os, sys\n"
+        "sys.setprofile(lambda f, e, a: os._exit(0) if e == 'call' and f.f_code.co_name == 'check' else None)\n",
+        True,
+    ),
+    "a signal handler ends the run mid-test": Forgery(
+        TRACE + "import os, signal, time\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.3)\ndef inc(x):\n    time.sleep(5)\n    return 0\n",
+        True,
+    ),
+    "kill the parent, then exit 0": Forgery(
+        TRACE + WRONG + "import os, signal, sys\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+        "except OSError:\n    pass\nsys.exit(0)\n",
+        True,
+    ),
+    "a value equal to everything": Forgery(
+        TRACE
+        + "class E:\n    def __eq__(self, other):\n        return True\n    def __hash__(self):\n        return 0\n"
+        "def inc(x):\n    return E()\n",
+        True,
+        TEST_EQ,
+    ),
+    "an int subclass equal to everything": Forgery(
+        TRACE
+        + "class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "def inc(x):\n    return I(0)\n",
+        True,
+        TEST_EQ,
+    ),
+    "atexit handler exits 0": Forgery(
+        TRACE + WRONG + "import atexit, os\natexit.register(os._exit, 0)\n", False
+    ),
+    "forged success on stdout and stderr": Forgery(
+        TRACE + WRONG + "import sys\nfor out in (sys.stdout, sys.stderr):\n"
+        "    print('passed 4', file=out)\n    print('ALL TESTS PASSED', file=out)\n",
+        False,
+    ),
+    "print and sys.stdout patched to forge a marker": Forgery(
+        TRACE
+        + "import builtins, sys\nclass Out:\n    def write(self, s):\n        sys.__stdout__.write('passed 4\\n')\n"
+        "    def flush(self):\n        pass\nsys.stdout = sys.stderr = Out()\n"
+        "builtins.print = lambda *a, **k: sys.__stdout__.write('passed 4\\n')\n" + WRONG,
+        False,
+    ),
+    "forged verdicts into every descriptor": Forgery(
+        TRACE
+        + WRONG
+        + "import os\nfor fd in range(3, 1024):\n    for line in (b'passed 4\\n', b'[\"return\", 2]\\n'):\n"
+        "        try:\n            os.write(fd, line)\n        except OSError:\n            pass\n",
+        False,
+    ),
+    "forged verdicts through /proc/*/fd": Forgery(
+        TRACE + WRONG + "import os\ntry:\n    pids = os.listdir('/proc')\nexcept OSError:\n    pids = []\n"
+        "for pid in pids:\n    try:\n        fds = os.listdir(f'/proc/{pid}/fd')\n    except OSError:\n        continue\n"
+        "    for fd in fds:\n        try:\n            with open(f'/proc/{pid}/fd/{fd}', 'wb') as f:\n"
+        "                f.write(b'passed 4\\n')\n        except OSError:\n            pass\n",
+        False,
+    ),
+    "rewrite the harness's replies": Forgery(
+        TRACE + "import _posttrain_harness as h\nh._line = lambda message: b'passed 4\\n'\n"
+        "h.encode = lambda value: ['return', 2]\n" + WRONG,
+        False,
+    ),
+    "KeyboardInterrupt inside the candidate": Forgery(
+        "def inc(x):\n    import os\n    os.write(2, b'FORGERY-RAN\\n')\n    raise KeyboardInterrupt\n", False
+    ),
+    "read the test to learn the answers": Forgery(
+        TRACE
+        + "import glob\nfound = []\nfor pattern in ('/tmp/posttrain-sandbox-*/work/test.py', '/tmp/*/*/test.py'):\n"
+        "    try:\n        found += glob.glob(pattern)\n    except OSError:\n        pass\n"
+        "for path in found:\n    try:\n        print('LEAKED', open(path).read())\n    except OSError:\n        pass\n"
+        + WRONG,
+        False,
+    ),
+}
+
+
+def _naive_status(f: Forgery, mode: str) -> str:
+    """What the obvious harness would say: program, test and call in one interpreter, exit 0 = pass."""
+    program = f"{PROMPT}{f.code}\n\n{f.test}\n\ncheck(inc)\n"
+    return run_python(program, SandboxLimits(timeout_s=5), isolation=mode).status
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forged_passes_score_zero_and_the_host_is_unharmed(mode: str) -> None:
+    limits = SandboxLimits(timeout_s=5, cpu_s=5)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    workdirs_before = set(Path("/tmp").glob("posttrain-sandbox-*"))
+
+    def check(solution: str, test: str = TEST) -> CheckResult:
+        return run_check(solution, "inc", test, setup=PROMPT, limits=limits, isolation=mode)
+
+    # the yardsticks: right scores, wrong does not (with the test's own failure as the reason)
+    right = check(PROMPT + "    return x + 1\n")
+    assert (right.passed, right.calls) == (True, 4), right
+    wrong = check(PROMPT + "    return x\n")
+    assert (wrong.passed, wrong.calls) == (False, 0) and "AssertionError" in wrong.checker.stderr, wrong
+
+    with ThreadPoolExecutor(2) as ex:
+        results = dict(
+            zip(FORGERIES, ex.map(lambda f: check(PROMPT + f.code, f.test), FORGERIES.values()), strict=True)
+        )
+        naive = dict(
+            zip(FORGERIES, ex.map(lambda f: _naive_status(f, mode), FORGERIES.values()), strict=True)
+        )
+
+    for name, r in results.items():
+        assert "FORGERY-RAN" in r.program.stderr, f"{name}: the forgery never ran ({mode}): {r}"
+        assert (r.passed, r.calls) == (False, 0), f"{name}: scored as a pass ({mode}): {r}"
+        assert "LEAKED" not in r.program.stdout, f"{name}: read the test ({mode})"
+        if FORGERIES[name].naive:
+            assert naive[name] == "ok", f"{name}: not a forgery of the naive harness either ({mode})"
+    assert sum(f.naive for f in FORGERIES.values()) >= 15
+
+    # the host afterwards
+    assert _sandbox_processes() == [], "sandbox processes outlived their run"
+    assert len(os.listdir("/proc/self/fd")) == fds_before, "file descriptors leaked"
+    assert set(Path("/tmp").glob("posttrain-sandbox-*")) <= workdirs_before
+
+
+def test_a_pass_needs_calls_and_clean_answers() -> None:
+    """No verdict when check never calls the candidate, or when a test swallows a broken call."""
+    solution = PROMPT + "    return x + 1\n"
+    never = run_check(solution, "inc", "def check(candidate):\n    pass\n", setup=PROMPT)
+    assert (never.passed, never.checker.stdout) == (
+        False,
+        "posttrain check: no verdict: check never called the candidate\n",
+    )
+    swallow = (
+        "def check(candidate):\n    try:\n        candidate(1)\n    except BaseException:\n        pass\n"
+    )
+    dies = run_check(PROMPT + "    import os\n    os._exit(0)\n", "inc", swallow, setup=PROMPT)
+    assert not dies.passed and "the program ended without answering" in dies.checker.stdout, dies
+    assert run_check(solution, "inc", swallow, setup=PROMPT).passed  # the same test, answered
+
+
+def test_plain_data_crosses_and_exceptions_map_back() -> None:
+    value = [1, -2.5, "s", b"b", bytearray(b"a"), (1, (2,)), {3}, frozenset({4}), {"k": [None, True]}, 1 + 2j]
+    # f returns what it got and whether it got it intact (the program's side compares, too)
+    solution = f"def f(x, *, k):\n    return [x, x == {value!r}, k]\n\ndef g(x):\n    raise KeyError(x)\n"
+    test = (
+        f"def check(candidate):\n    assert candidate({value!r}, k='kw') == [{value!r}, True, 'kw']\n"
+        "    import math\n    assert math.isnan(candidate(float('nan'), k=None)[0])\n"
+    )
+    r = run_check(solution, "f", test)
+    assert (r.passed, r.calls) == (True, 2), r
+    raises = "def check(candidate):\n    try:\n        candidate(1)\n    except KeyError:\n        return\n    assert False\n"
+    assert run_check(solution, "g", raises).passed
+
+
+def test_the_audit_hook_reads_no_globals() -> None:
+    """The program can rebind any global of the child module; the hook and its helpers must not
+    look one up (every name is a closure variable bound at install time)."""
+    import dis
+    import types
+
+    from posttrain.sandbox import child
+
+    def globals_read(fn: types.FunctionType, seen: set[int]) -> set[str]:
+        if id(fn) in seen:
+            return set()
+        seen.add(id(fn))
+        names = {i.argval for i in dis.get_instructions(fn) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+        for cell in fn.__closure__ or ():
+            if isinstance(cell.cell_contents, types.FunctionType):
+                names |= globals_read(cell.cell_contents, seen)
+        return names
+
+    hook = child.audit_hook("/tmp", ["/usr"], 8)
+    seen: set[int] = set()
+    assert globals_read(hook, seen) == set()
+    assert len(seen) >= 4  # hook, plain, resolve, within, inside
+
+
+def test_landlock_alone_confines_files(tmp_path: Path) -> None:
+    """Audit mode's file rule in the kernel: with no audit hook at all, a process under the
+    Landlock ruleset reads the interpreter's files, writes its working directory, and nothing else."""
+    if _landlock_abi() == 0:
+        pytest.skip("this kernel has no Landlock: audit mode's file rule is the audit hook alone")
+    import subprocess
+
+    from posttrain.sandbox import _python_dirs
+
+    work = tmp_path / "work"
+    work.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("host")
+    code = (
+        "import sys, json\nsys.path.insert(0, sys.argv[1])\nimport child\n"
+        "abi = child.install_landlock(sys.argv[2], json.loads(sys.argv[3]))\nresults = [abi]\n"
+        "for path, mode in ((sys.argv[4], 'r'), (sys.argv[4], 'a'), ('/etc/hostname', 'r'), (sys.argv[2] + '/x', 'w'),"
+        " (sys.executable, 'rb')):\n    try:\n        open(path, mode).close()\n        results.append('ok')\n"
+        "    except PermissionError:\n        results.append('denied')\n"
+        "print(json.dumps(results))\n"
+    )
+    import json
+
+    child_dir = str(Path(__file__).resolve().parents[1] / "posttrain" / "sandbox")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            code,
+            child_dir,
+            str(work),
+            json.dumps(_python_dirs()),
+            str(outside),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    abi, *results = json.loads(out.stdout)
+    assert abi >= 1
+    assert results == ["denied", "denied", "denied", "ok", "ok"], out
+    assert outside.read_text() == "host"

@@ -15,6 +15,10 @@ standard library (never posttrain), is started by file path with ``python -I -S`
 it runs after lockdown is treated as hostile. This module (the host side) never executes the
 program's code; it reads back only exit statuses and the capped output.
 
+``run_check`` tests a function the program defines without letting the program near the test:
+the program and the test run in two sandboxes joined by pipes, and only the test's process can
+report a pass (``harness.py``, stdlib only, copied into both, holds the two halves).
+
 Two isolation modes (see ``child.py`` for the details):
 
 - ``namespaces`` (root on Linux; what ``auto`` picks when it works): no network (an empty network
@@ -24,9 +28,10 @@ Two isolation modes (see ``child.py`` for the details):
   capabilities, so files readable only by their owner stay unreadable.
 - ``audit`` (the fallback elsewhere): rlimits, a kernel-enforced seccomp filter that refuses new
   processes and threads, exec, sockets, signals to other processes, ptrace, mounts, namespaces and
-  the like, plus a Python audit hook that refuses ctypes and file access outside the working
-  directory. The file rule is enforced by the interpreter, not the kernel, and the program runs as
-  the host user: weaker than ``namespaces``.
+  the like; Landlock, where the kernel has it, for the file rule (read the interpreter's files,
+  write only the working directory); and a Python audit hook that refuses ctypes and file access
+  outside the working directory. Without Landlock the file rule is enforced by the interpreter
+  alone, and the program always runs as the host user: weaker than ``namespaces``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import functools
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -45,7 +51,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -54,6 +61,7 @@ log = logging.getLogger(__name__)
 
 Isolation = Literal["auto", "namespaces", "audit"]
 _CHILD = str(Path(__file__).with_name("child.py"))  # run by path, never imported by the host
+_HARNESS = Path(__file__).with_name("harness.py")  # copied into run_check's two sandboxes
 _SETUP_FAILED = 125
 _SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
@@ -92,14 +100,109 @@ def run_python(
     limits: SandboxLimits = SandboxLimits(),
     files: Mapping[str, str] | None = None,
     isolation: Isolation = "auto",
+    pass_fds: Sequence[int] = (),
 ) -> SandboxResult:
-    """Run ``code`` as ``__main__`` in a fresh sandbox; ``files`` are written next to it first."""
-    mode = resolve_isolation(isolation)
-    root = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    """Run ``code`` as ``__main__`` in a fresh sandbox; ``files`` are written next to it first.
+
+    ``pass_fds`` (pipe ends, say) are inherited by the program under the same numbers. They belong
+    to the run: this process closes its copies as soon as the program has started (or the run
+    failed to start), so the far end of a pipe sees end-of-file once the program is gone.
+    """
+    owned = list(pass_fds)
     try:
-        return _run_in(Path(root), code, limits, files or {}, mode)
+        mode = resolve_isolation(isolation)
+        root = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+        try:
+            return _run_in(Path(root), code, limits, files or {}, mode, owned)
+        finally:
+            _remove_tree(root)
     finally:
-        _remove_tree(root)
+        _close_owned(owned)
+
+
+def _close_owned(fds: list[int]) -> None:
+    """Close each descriptor once (a second close could hit a reused number of another thread)."""
+    while fds:
+        os.close(fds.pop())
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    passed: bool  # the test's process confirmed that check(candidate) returned; nothing else counts
+    calls: int  # calls check made to the candidate (0 without a confirmation)
+    program: SandboxResult  # the untrusted side; its status and output never decide ``passed``
+    checker: SandboxResult  # the test's side (its stdout says why there was no verdict)
+
+
+def run_check(
+    solution: str,
+    entry_point: str,
+    test: str,
+    setup: str = "",
+    limits: SandboxLimits = SandboxLimits(),
+    isolation: Isolation = "auto",
+) -> CheckResult:
+    """Run the test's ``check(candidate)`` against ``entry_point`` as defined by untrusted ``solution``.
+
+    Two sandboxes: the program's runs ``solution`` and then only answers calls to its entry point;
+    the test's runs ``setup`` (trusted: the prompt's imports and helpers) and ``test`` (which
+    defines ``check``), and calls ``check`` with a stand-in that forwards each call over a pipe and
+    takes back plain data (see ``harness.py``). ``passed`` needs the verdict line that the test's
+    process writes to a pipe of its own after ``check`` returned with every call answered; the
+    program never holds that pipe, shares no interpreter with the test, and how it ends, what it
+    prints and what its code patches do not count.
+
+    >>> run_check("def inc(x):\\n    return x + 1\\n", "inc", "def check(f):\\n    assert f(1) == 2\\n").passed
+    True
+    >>> run_check("import sys\\nsys.exit(0)\\n", "inc", "def check(f):\\n    assert f(1) == 2\\n").passed
+    False
+    """
+    mode = resolve_isolation(isolation)
+    harness = {"_posttrain_harness.py": _HARNESS.read_text(encoding="utf-8")}
+    pipes: list[int] = []
+    try:
+        for _ in range(3):
+            pipes.extend(os.pipe())
+    except OSError:
+        _close_owned(pipes)
+        raise
+    requests_r, requests_w, replies_r, replies_w, verdict_r, verdict_w = pipes
+    program_code = (
+        "import _posttrain_harness\n"
+        f"_posttrain_harness.serve('solution.py', {entry_point!r}, {requests_r}, {replies_w})\n"
+    )
+    checker_code = (
+        "import _posttrain_harness\n_posttrain_harness.check("
+        f"'setup.py', 'test.py', {entry_point!r}, {replies_r}, {requests_w}, {verdict_w})\n"
+    )
+    program_fds, checker_fds = [requests_r, replies_w], [replies_r, requests_w, verdict_w]
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="sandbox-program") as ex:
+            try:
+                program_run = ex.submit(
+                    run_python,
+                    program_code,
+                    limits,
+                    {**harness, "solution.py": solution},
+                    mode,
+                    program_fds,  # the run owns these from here on
+                )
+            except BaseException:
+                _close_owned(program_fds)
+                _close_owned(checker_fds)
+                raise
+            try:
+                checker = run_python(
+                    checker_code, limits, {**harness, "setup.py": setup, "test.py": test}, mode, checker_fds
+                )
+            finally:
+                program = program_run.result()
+    finally:
+        verdict = _read_all(verdict_r)  # every writer is gone: both runs are over
+    confirmed = re.fullmatch(r"passed ([1-9][0-9]{0,8})\n", verdict)
+    passed = confirmed is not None and checker.status == "ok"
+    calls = int(confirmed.group(1)) if confirmed is not None and passed else 0
+    return CheckResult(passed, calls, program, checker)
 
 
 def resolve_isolation(isolation: Isolation) -> Literal["namespaces", "audit"]:
@@ -136,6 +239,7 @@ def _run_in(
     limits: SandboxLimits,
     files: Mapping[str, str],
     mode: Literal["namespaces", "audit"],
+    pass_fds: list[int],
 ) -> SandboxResult:
     os.chmod(root, 0o711)  # the sandbox user may pass through, not list
     work = root / "work"
@@ -178,13 +282,14 @@ def _run_in(
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
-                    pass_fds=(report_w,),
+                    pass_fds=(report_w, *pass_fds),
                     start_new_session=True,
                     cwd=work,
                     env=_program_env(work, mode),
                 )
             finally:
                 os.close(report_w)
+                _close_owned(pass_fds)
             timed_out = False
             try:
                 proc.wait(timeout=limits.timeout_s)

@@ -19,12 +19,21 @@ Two isolation modes:
 ``audit`` (anyone)
     rlimits, a seccomp filter and a Python audit hook. The seccomp filter (kernel-enforced, installed
     with ``PR_SET_NO_NEW_PRIVS``, so any user may) refuses new processes and threads (clone, fork,
-    vfork, exec), sockets, signals to any other process, ptrace and cross-process memory access,
-    mounts, namespaces, module loading, io_uring, bpf and the like — whatever route the program
-    takes to the syscall (``_posixsubprocess``, a loaded ``ctypes`` library, ...). The audit hook adds
-    what a syscall filter cannot judge by its arguments: file access outside the working directory
-    (reads of the interpreter's own files allowed) and ctypes. The file rule is enforced inside the
-    interpreter, not by the kernel: this mode is weaker than ``namespaces``.
+    vfork, exec), sockets, signals to any other process, ptrace, cross-process memory access and
+    descriptor copying (``pidfd_getfd``), mounts, namespaces, module loading, io_uring, bpf and the
+    like — whatever route the program takes to the syscall (``_posixsubprocess``, a loaded
+    ``ctypes`` library, ...). Landlock, where the kernel has it (``install_landlock``), enforces
+    the file rule in the kernel: read the interpreter's directories and the system's libraries,
+    read and write the working directory. The audit hook adds what a syscall filter cannot judge
+    by its arguments: file access outside the working directory (reads of the interpreter's own
+    files allowed), ctypes, reaching the hook's own state through ``gc``, and hand-made code
+    objects. The program shares the hook's interpreter, so the hook is built not to be talked out
+    of its rule from Python (see ``audit_hook``); but code that corrupts interpreter memory gets
+    past it, and where the kernel has no Landlock nothing else guards the files: this mode is
+    weaker than ``namespaces``.
+
+The program gets the descriptors the host passed (``run_python(pass_fds=...)``) and nothing else
+of the bootstrap's: the report pipe is closed before the program starts.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 _OPT_FLAGS = {
     "nosuid": MS_NOSUID,
@@ -263,6 +273,8 @@ _DENIED_EVENTS = (
     "ctypes.",
     "os.setuid",
     "pty.",
+    "gc.get_",  # get_objects / get_referrers / get_referents reach the hook's closure cells
+    "code.__new__",  # hand-made bytecode reads and writes arbitrary memory
 )
 _PATH_EVENTS = {  # event -> argument positions that are paths
     "os.remove": (0,),
@@ -278,48 +290,133 @@ _PATH_EVENTS = {  # event -> argument positions that are paths
     "os.chflags": (0,),
     "os.mkfifo": (0,),
     "os.mknod": (0,),
+    "os.setxattr": (0,),
+    "os.removexattr": (0,),
     "shutil.rmtree": (0,),
 }
 _LISTING_EVENTS = ("os.listdir", "os.scandir", "glob.glob")
+# ctypes, and the C modules that create and delete named objects in /dev/shm without an "open" event
+_DENIED_MODULES = ("ctypes", "_ctypes", "_posixshmem", "_multiprocessing")
 
 
 def _install_audit_hook(cfg: dict) -> None:
-    workdir = os.path.realpath(cfg["workdir"])
-    readable = tuple(os.path.realpath(p) for p in cfg["reveal"]) + ("/dev/urandom", "/dev/null")
+    sys.addaudithook(audit_hook(cfg["workdir"], cfg["reveal"], cfg["limits"]["max_files"]))
+
+
+def audit_hook(workdir: str, reveal: list[str], max_files: int) -> types.FunctionType:
+    """The audit hook of audit mode: file access outside ``workdir`` (reads of ``reveal`` and a few
+    devices allowed), ctypes, and what ``_DENIED_EVENTS`` lists are refused.
+
+    The program shares this interpreter and can rebind any module attribute (``os.path.realpath``)
+    or global (this module's own, reached through a frame's ``f_globals``). So everything the hook
+    uses is bound here, once, as closure variables: it reads no global, calls only C functions and
+    methods of exact builtin types, and takes the value of a ``str``/``bytes`` subclass through the
+    base type (what the C function used), never through the subclass's methods. Any exception it
+    raises, expected or not, refuses the operation. The working directory stays the current one
+    and no directory outside it can be opened, so a relative path means the same thing to the hook
+    and to the kernel, with or without ``dir_fd``.
+    """
+    readlink, getcwd, stat = os.readlink, os.getcwd, os.stat
+    item = tuple.__getitem__  # os.stat_result is a mutable type: read st_mode by index, through tuple
+    str_value, bytes_decode = str.__str__, bytes.decode
+    is_a, kind_of, error, os_error = issubclass, type, PermissionError, OSError  # type(x): never x.__class__
+    str_type, bytes_type, int_type, size = str, bytes, int, len
+    fs_encoding = sys.getfilesystemencoding()
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    creating, dir_type, type_mask = os.O_CREAT, 0o040000, 0o170000
+    denied, path_events, listing, modules = (
+        _DENIED_EVENTS,
+        dict(_PATH_EVENTS),
+        _LISTING_EVENTS,
+        _DENIED_MODULES,
+    )
     created = [0]
 
+    def plain(path: object) -> str:
+        if is_a(kind_of(path), str_type):
+            return str_value(path)  # type: ignore[arg-type]
+        if is_a(kind_of(path), bytes_type):
+            return bytes_decode(path, fs_encoding, "surrogateescape")  # type: ignore[arg-type]
+        raise error("sandbox: paths must be str or bytes here")
+
+    def resolve(path: str) -> str:
+        """Like os.path.realpath: absolute, '.' and '..' folded, symlinks followed (max 40)."""
+        if not path.startswith("/"):
+            path = getcwd() + "/" + path
+        todo, done, links = path.split("/")[::-1], [], 0
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            here = "/" + "/".join(done) + ("/" if done else "") + part
+            try:
+                target = readlink(here)
+            except os_error:  # not a symlink (or not there): a plain component
+                done.append(part)
+                continue
+            links += 1
+            if links > 40:
+                raise error(f"sandbox: too many symbolic links in {path!r}")
+            if target.startswith("/"):
+                done = []
+            todo.extend(target.split("/")[::-1])
+        return "/" + "/".join(done)
+
+    def within(real: str, roots: tuple[str, ...]) -> bool:
+        for root in roots:  # noqa: SIM110 - any() would be a global lookup
+            if real == root or real.startswith(root + "/" if root != "/" else "/"):
+                return True
+        return False
+
+    home = resolve(workdir)
+    readable = (home, *(resolve(p) for p in reveal), "/dev/urandom", "/dev/null")
+
     def inside(path: object, roots: tuple[str, ...]) -> bool:
-        if isinstance(path, int):
+        if is_a(kind_of(path), int_type):
             return True  # an already-open descriptor
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        real = os.path.realpath(str(path))
-        return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
+        return within(resolve(plain(path)), roots)
 
-    def hook(event: str, args: tuple) -> None:
-        if event.startswith(_DENIED_EVENTS) or (event == "import" and args[0] in ("ctypes", "_ctypes")):
-            raise PermissionError(f"sandbox: {event} is not allowed")
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        if event.startswith(denied) or (event == "import" and args[0] in modules):
+            raise error(f"sandbox: {event} is not allowed")
         if event == "open":
-            path, _mode, flags = args
-            if path is None:
-                return
-            writes = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
-            roots = (workdir,) if writes else (workdir, *readable)
-            if not inside(path, roots):
-                raise PermissionError(f"sandbox: access to {path!r} outside the working directory")
-            if flags & os.O_CREAT:
+            path, mode, flags = args
+            if path is None or is_a(kind_of(path), int_type):
+                return  # an already-open descriptor
+            real = resolve(plain(path))
+            writes = flags & writing != 0  # type: ignore[operator]
+            if is_a(kind_of(mode), str_type):
+                for c in "wax+":
+                    writes = writes or c in str_value(mode)  # type: ignore[arg-type]
+            if not within(real, (home,) if writes else readable):
+                raise error(f"sandbox: access to {real!r} outside the working directory")
+            if not within(real, (home,)):
+                try:
+                    is_dir = item(stat(real), 0) & type_mask == dir_type
+                except os_error:
+                    is_dir = False
+                if is_dir:  # a directory descriptor would make a dir_fd the hook cannot see
+                    raise error(f"sandbox: opening the directory {real!r} outside the working directory")
+            if flags & creating:  # type: ignore[operator]
                 created[0] += 1
-                if created[0] > cfg["limits"]["max_files"]:
-                    raise PermissionError("sandbox: too many files created")
-        elif event in _LISTING_EVENTS:
-            if args and args[0] is not None and not inside(args[0], (workdir, *readable)):
-                raise PermissionError(f"sandbox: listing {args[0]!r} outside the working directory")
-        elif event in _PATH_EVENTS:
-            for i in _PATH_EVENTS[event]:
-                if i < len(args) and not inside(args[i], (workdir,)):
-                    raise PermissionError(f"sandbox: {event} on {args[i]!r} outside the working directory")
+                if created[0] > max_files:
+                    raise error("sandbox: too many files created")
+        elif event == "os.chdir":
+            if is_a(kind_of(args[0]), int_type) or resolve(plain(args[0])) != home:
+                raise error("sandbox: the working directory cannot change")
+        elif event in listing:
+            if args and args[0] is not None and not inside(args[0], readable):
+                raise error("sandbox: listing outside the working directory")
+        elif event in path_events:
+            for i in path_events[event]:
+                if i < size(args) and not inside(args[i], (home,)):
+                    raise error(f"sandbox: {event} outside the working directory")
 
-    sys.addaudithook(hook)
+    return hook  # type: ignore[return-value]
 
 
 # seccomp: x86_64 and aarch64 syscall numbers (asm/unistd_64.h, asm-generic/unistd.h)
@@ -339,6 +436,7 @@ _NR = {
         "rt_sigqueueinfo": 129,
         "rt_tgsigqueueinfo": 297,
         "pidfd_send_signal": 424,
+        "pidfd_getfd": 438,  # copying another process's descriptors (run_check's verdict pipe)
         "ptrace": 101,
         "process_vm_readv": 310,
         "process_vm_writev": 311,
@@ -386,6 +484,7 @@ _NR = {
         "rt_sigqueueinfo": 138,
         "rt_tgsigqueueinfo": 240,
         "pidfd_send_signal": 424,
+        "pidfd_getfd": 438,  # copying another process's descriptors (run_check's verdict pipe)
         "ptrace": 117,
         "process_vm_readv": 270,
         "process_vm_writev": 271,
@@ -485,9 +584,99 @@ def _install_seccomp() -> None:
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "prctl(SET_SECCOMP)")
 
 
+# Landlock (Linux >= 5.13 with the LSM enabled): the file rule of audit mode, enforced by the kernel.
+# Same syscall numbers on x86_64 and aarch64.
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_CREATE_RULESET_VERSION, _LANDLOCK_RULE_PATH_BENEATH = 1, 1
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_LL_REFER, _LL_TRUNCATE, _LL_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_LL_READ = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
+_LL_FILE_ONLY = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | _LL_TRUNCATE | _LL_IOCTL_DEV
+# What the interpreter reads below Python (the dynamic loader for a C extension's libraries, the
+# time zone); the audit hook still limits what Python code opens to the interpreter's directories.
+_SYSTEM_READABLE = (
+    "/lib",
+    "/lib64",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/local/lib",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/usr/share/zoneinfo",
+    "/dev/null",
+    "/dev/urandom",
+)
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+
+
+class _LandlockPathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _syscall(*args: object) -> int:
+    return int(_libc.syscall(*args))
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 where it has none (not built in, or the LSM is off)."""
+    version = _syscall(
+        _LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)
+    )
+    return max(version, 0)
+
+
+def install_landlock(workdir: str, readable: list[str]) -> int:
+    """Restrict this process (and what it starts) to reading ``readable`` and the system's libraries,
+    and to reading and writing ``workdir``. Returns the Landlock ABI used, 0 where the kernel has
+    none (then only the audit hook enforces the rule). Needs ``PR_SET_NO_NEW_PRIVS`` (or root)."""
+    abi = landlock_abi()
+    if abi < 1:
+        return 0
+    handled = (1 << 13) - 1  # ABI 1: execute .. make_sym
+    handled |= (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+    handled |= _LL_IOCTL_DEV if abi >= 5 else 0
+    attr = _LandlockRulesetAttr(handled)
+    ruleset = _syscall(
+        _LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)
+    )
+    if ruleset < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"landlock_create_ruleset: {os.strerror(err)}")
+    try:
+        rules = [(workdir, handled)] + [(p, _LL_READ) for p in (*readable, *_SYSTEM_READABLE)]
+        for path, rights in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                if os.fstat(fd).st_mode & 0o170000 != 0o040000:  # not a directory
+                    rights &= _LL_FILE_ONLY
+                rule = _LandlockPathBeneathAttr(rights & handled, fd)
+                _check(
+                    _syscall(_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0),
+                    f"landlock_add_rule {path}",
+                )
+            finally:
+                os.close(fd)
+        _check(_syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+    return abi
+
+
 def _audit(cfg: dict, report: int) -> int:
     """The program runs in this process; the host reads its status from the exit code."""
     _set_limits(cfg["limits"], nproc=False)
+    _check(
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)"
+    )  # others of this uid: no ptrace, no /proc/PID/mem
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+    install_landlock(cfg["workdir"], cfg["reveal"])
     _install_seccomp()
     _send(report, "ready")
     os.close(report)
