@@ -309,7 +309,7 @@ def run_posttrain(
         "prompts_per_step": args.prompts,
         "filter_zero_advantage": filtered,
         "max_gen_batches": 4 if filtered else 1,
-        "micro_batch_size": per_step,
+        "micro_batch_tokens": per_step * 64,  # one micro-batch per update
         "save_every": 0,
         "log_samples_every": 1,  # every trained group's best and worst rollout, every step (read back below)
         "samples_per_log": 2 * args.prompts,

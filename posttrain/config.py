@@ -366,9 +366,12 @@ class RLConfig:
     # each (PPO-style reuse of the rollouts; the later updates are off-policy and the clip bounds them).
     # The lr schedule (warmup_steps included) counts optimizer updates: max_steps * minibatches.
     minibatches: PosInt = 1
-    # Sequences per forward/backward per rank. Each update runs
-    # ceil(prompts_per_step * sampling.n / (minibatches * ranks * micro_batch_size)) micro-batches per rank.
-    micro_batch_size: PosInt = 256
+    # Tokens (prompt + completion, as padded) per forward/backward per rank: each update's sequences are
+    # packed into as few micro-batches of at most this many tokens as they need (a longer sequence gets
+    # one of its own), so memory follows the tokens, not a sequence count.
+    micro_batch_tokens: PosInt = 8192
+    # Completion positions whose float32 log-softmax is computed at once (memory: this x vocabulary).
+    logprob_chunk_tokens: PosInt = 4096
     eval_every: NonNegInt = 0  # held-out eval every N steps (0: only at the end of the stage)
     save_every: NonNegInt = 50
     log_samples_every: NonNegInt = 10  # rows appended to the rollout table every N steps
@@ -378,6 +381,16 @@ class RLConfig:
         if self.sampling.n < 2:
             raise ConfigError(
                 f"'{path}.sampling.n' must be >= 2 (group-relative advantages need a group), got {self.sampling.n}"
+            )
+        if self.sampling.temperature == 0:
+            raise ConfigError(
+                f"'{path}.sampling.temperature' is 0 (greedy): every completion of a prompt is the same, so every "
+                "group is zero-advantage; RL samples at a temperature > 0 (1.0 is the usual choice)"
+            )
+        if self.sampling.top_p < 1:
+            raise ConfigError(
+                f"'{path}.sampling.top_p' is {self.sampling.top_p}: the policy gradient takes log-probs of the "
+                "tempered full distribution, which top-p sampling truncates; RL needs top_p: 1.0"
             )
 
 

@@ -156,7 +156,10 @@ def load_prompt_samples(
 
 
 def prompt_text(tokenizer: Any, prompt: str) -> str:
-    """The chat-formatted prompt, ending with the assistant turn's opening."""
+    """The chat-formatted prompt, ending with the assistant turn's opening. A tokenizer without a chat
+    template (a base model's) gets the prompt as it is, after its BOS token when it has one."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return f"{tokenizer.bos_token or ''}{prompt}"
     return str(
         tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -276,6 +279,64 @@ def collate_completions(
             if (v := values[i]) is not None:
                 extra[k][i, n_prompt - 1 : len(ids) - 1] = torch.tensor(list(v), dtype=torch.float32)
     return {"input_ids": ids_t, "attention_mask": attn, "completion_mask": comp, **extra}
+
+
+def collate_prompt_completion(
+    seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    **per_token: Sequence[Sequence[float] | None],
+) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) pairs with the prompts left-padded to P and the completions
+    right-padded to C, so every completion starts at column P (a forward then needs logits only for
+    the last C + 1 columns: ``logits_to_keep``).
+
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` (counting from each row's first real
+    token, as the rollout engine does) [B, P + C]; ``completion_ids`` and ``completion_mask`` [B, C];
+    and for each keyword a float32 [B, C] tensor of that row's per-completion-token values (0 where
+    there is none, and for None). A pair with an empty completion is a placeholder: its tokens are
+    attended to but nothing of it is trained on (``completion_mask`` all False).
+    """
+    width_p = max(len(p) for p, _ in seqs)
+    width_c = max(max(len(c) for _, c in seqs), 1)
+    ids = torch.full((len(seqs), width_p + width_c), pad_id, dtype=torch.long)  # [B, P + C]
+    attn = torch.zeros(len(seqs), width_p + width_c, dtype=torch.long)  # [B, P + C]
+    comp = torch.zeros(len(seqs), width_c, dtype=torch.bool)  # [B, C]
+    extra = {k: torch.zeros(len(seqs), width_c, dtype=torch.float32) for k in per_token}  # [B, C] each
+    for i, (prompt, completion) in enumerate(seqs):
+        start = width_p - len(prompt)
+        ids[i, start:width_p] = torch.tensor(list(prompt))
+        ids[i, width_p : width_p + len(completion)] = torch.tensor(list(completion), dtype=torch.long)
+        attn[i, start : width_p + max(len(completion), 1)] = 1
+        comp[i, : len(completion)] = True
+        for k, values in per_token.items():
+            if (v := values[i]) is not None and len(v):
+                extra[k][i, : len(v)] = torch.tensor(list(v), dtype=torch.float32)
+    position_ids = (attn.cumsum(dim=1) - 1).clamp_min(0)  # [B, P + C]
+    return {
+        "input_ids": ids, "attention_mask": attn, "position_ids": position_ids,
+        "completion_ids": ids[:, width_p:], "completion_mask": comp, **extra,
+    }  # fmt: skip
+
+
+def token_bins(sizes: Sequence[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Indices of (prompt, completion) lengths grouped into micro-batches of at most ``budget`` tokens as
+    ``collate_prompt_completion`` lays them out (rows x (longest prompt + longest completion)), longest
+    first; a sequence longer than the budget gets a micro-batch of its own. Deterministic."""
+    order = sorted(range(len(sizes)), key=lambda i: (-(sizes[i][0] + sizes[i][1]), i))
+    bins: list[list[int]] = []
+    cur: list[int] = []
+    wp = wc = 0
+    for i in order:
+        p, c = sizes[i]
+        np_, nc = max(wp, p), max(wc, c)
+        if cur and (np_ + nc) * (len(cur) + 1) > budget:
+            bins.append(cur)
+            cur, np_, nc = [], p, c
+        cur.append(i)
+        wp, wc = np_, nc
+    if cur:
+        bins.append(cur)
+    return bins
 
 
 def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:

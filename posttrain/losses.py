@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 Tensor = torch.Tensor
 
@@ -122,6 +123,65 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> tuple[Tensor,
     d = ref_logprobs - logprobs  # [B, T]
     per_token = (torch.exp(d) - d - 1.0) * mask  # [B, T]
     return per_token, {"mask": mask, "kl_mean": per_token.detach().sum() / mask.sum().clamp_min(1)}
+
+
+def completion_logprobs(
+    logits: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 4096,
+    entropy: bool = True,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of ``tokens`` under ``softmax(logits / temperature)``, and that distribution's entropy.
+
+    ``logits`` [B, S, V] (any dtype; only the positions that predict ``tokens`` [B, S], e.g. a
+    completion's) are read ``chunk_tokens`` positions at a time in float32, so the float32 work is
+    [chunk_tokens, V] at most, never [B, S, V]. With autograd on, each chunk is recomputed in the
+    backward pass (activation checkpointing) instead of keeping its float32 softmax, so memory grows
+    with the completion tokens in the logits' own dtype only. Returns (log-probs [B, S] float32,
+    entropy [B, S] float32 or None without ``entropy``; it carries a gradient only with ``entropy_grad``).
+
+    At ``temperature`` T the log-probs are those of the distribution the engine samples from at T
+    (``SamplingConfig.temperature``), so the policy gradient is unbiased for T != 1 too.
+    """
+    if temperature <= 0:
+        raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
+    shape, vocab = tokens.shape, logits.shape[-1]
+    flat, targets = (
+        logits.reshape(-1, vocab),
+        tokens.reshape(-1).clamp_min(0).to(logits.device),
+    )  # [N, V], [N]
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    logps, ents = [], []
+    for start in range(0, flat.shape[0], chunk_tokens):
+        x, t = flat[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if grad:
+            lp = torch.utils.checkpoint.checkpoint(_chunk_logprobs, x, t, temperature, use_reentrant=False)
+        else:
+            lp = _chunk_logprobs(x, t, temperature)
+        with torch.set_grad_enabled(grad and entropy_grad):
+            ent = (
+                torch.utils.checkpoint.checkpoint(_chunk_entropy, x, temperature, use_reentrant=False)
+                if grad and entropy_grad
+                else _chunk_entropy(x.detach(), temperature)
+            )
+        logps.append(lp)
+        ents.append(ent)
+    empty = logits.new_zeros(0, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return (torch.cat(logps) if logps else empty).reshape(shape), (
+        torch.cat(ents) if ents else empty
+    ).reshape(shape)
+
+
+def _chunk_logprobs(x: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature  # [n, V]
+    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # [n]
+
+
+def _chunk_entropy(x: Tensor, temperature: float) -> Tensor:
+    z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature  # [n, V]
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # [n]
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -60,7 +60,27 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if source is None:
         raise ConfigError("model.tokenizer is null and model.name_or_path is not set; name a tokenizer")
     check_model_path(source, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
-    return AutoTokenizer.from_pretrained(source)
+    return load_tokenizer(source)
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """An HF tokenizer with the one pad rule applied (``ensure_pad_token``)."""
+    return ensure_pad_token(AutoTokenizer.from_pretrained(str(source)))
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The one pad rule of every stage and engine: a tokenizer without a pad token (every Llama 3.x)
+    pads with its EOS token. That is safe because nothing here finds padding by its id: batches carry
+    attention masks, position ids and label masks built from the sequence lengths, so a real EOS is
+    still attended to and trained on. A tokenizer with neither a pad nor an EOS token is refused."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS token; "
+                "training needs an EOS token (set eos_token in its tokenizer_config.json)"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -105,7 +125,7 @@ def load_checkpoint(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A stage's exported checkpoint (model + tokenizer in one HF dir)."""
     path = str(path)
-    return load_model(path, dtype), AutoTokenizer.from_pretrained(path)
+    return load_model(path, dtype), load_tokenizer(path)
 
 
 def count_params(model: torch.nn.Module) -> int:

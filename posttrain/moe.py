@@ -190,6 +190,12 @@ class ExpertParallel:
 
         return groups._get_expert_parallel_group(self.group_name)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the expert layers live (collectives run there)."""
+        device: torch.device = next(iter(self.layers.values())).tokens_per_expert.device
+        return device
+
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.experts.parameters()]
 
@@ -228,21 +234,19 @@ class ExpertParallel:
             1, counts.shape[0]
         )  # token-expert assignments per layer
         # no dropped/overflow metric: the dispatch is dropless, every routed token reaches its expert
-        a2a = torch.tensor([_a2a_elapsed_ms()], dtype=torch.float64)
-        torch.distributed.all_reduce(a2a)
-        out["ep/all_to_all_ms"] = float(a2a) / torch.distributed.get_world_size()
+        a2a = torch.tensor([_a2a_elapsed_ms()], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(a2a)  # on the layers' device: NCCL takes no CPU tensors
+        out["ep/all_to_all_ms"] = float(a2a.cpu()) / torch.distributed.get_world_size()
         return out
 
     def tokens_per_expert(self, reset: bool = True) -> torch.Tensor:
         """[num_layers, num_experts] routed-token counts since the last reset, summed over all ranks."""
-        local = torch.stack(
-            [layer.tokens_per_expert.detach().double().cpu() for layer in self.layers.values()]
-        )
+        local = torch.stack([layer.tokens_per_expert.detach().double() for layer in self.layers.values()])
         if reset:
             for layer in self.layers.values():
                 layer.tokens_per_expert.zero_()
-        torch.distributed.all_reduce(local)
-        return local
+        torch.distributed.all_reduce(local)  # on the layers' device
+        return local.cpu()
 
     def load_table(self, counts: torch.Tensor) -> list[dict[str, Any]]:
         """Rows (layer, expert, tokens, share) of ``tokens_per_expert()`` for a W&B table."""

@@ -16,12 +16,13 @@ Two implementations:
 ``HFEngine``    transformers ``generate`` on its own copy of the model. Chosen explicitly
                 (``kind: hf``), never as a fallback for a missing or failing vLLM.
 
-Log-probs: ``Completion.logprobs[t]`` is log p(token_t | prefix) under the **raw model** — the
-log-softmax of the unscaled logits, before temperature and top-p (vLLM ``logprobs_mode=
-"raw_logprobs"``; the HF engine computes the same from ``output_logits``). At temperature 1 and
-top_p 1 this is exactly the sampling policy, and it is what a training-side forward pass recomputes.
-At other settings the tokens were drawn from the tempered/truncated distribution but the log-probs
-stay the raw model's.
+Log-probs: ``Completion.logprobs[t]`` is log p_T(token_t | prefix) under the distribution the token
+was **sampled from**: the log-softmax of the logits divided by the temperature T (vLLM
+``logprobs_mode="processed_logprobs"``; the HF engine computes the same from ``output_logits``). The
+RL trainer recomputes exactly this (``losses.completion_logprobs`` at ``sampling.temperature``), so
+the policy gradient and the importance ratios are those of the sampling policy at any T > 0. Top-p
+would truncate that distribution as well; the RL stage refuses it (``top_p: 1``). At temperature 0
+(greedy) the log-probs are the untempered model's.
 
 Bad input is counted, not fatal: a prompt whose chat-formatted tokens leave no room for one new
 token in the context is skipped (no group is returned for it; ``last_stats.skipped_uids`` names it
@@ -217,7 +218,7 @@ def _request_seeds(seed: int | None, count: int, n: int, fresh: np.random.Genera
 
 
 def _raw_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] in float32.  logits [B, S, V], tokens [B, S] -> [B, S]."""
+    """log softmax(logits)[token] in float32 (logits already divided by the temperature).  [B, S, V], [B, S] -> [B, S]."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [B, S, V]
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, S]
 
@@ -407,7 +408,7 @@ class VLLMEngine:
             dtype=dtype,
             enforce_eager=self.cfg.enforce_eager,
             gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-            logprobs_mode="raw_logprobs",
+            logprobs_mode="processed_logprobs",
             enable_sleep_mode=sleep_mode,
             seed=0,
             disable_log_stats=True,
@@ -615,6 +616,8 @@ class HFEngine:
         )
         new = out.sequences[:, width:]  # [B, S]
         logits = torch.stack(out.logits, dim=1)  # [B, S, V]
+        if params.temperature > 0:
+            logits = logits.float() / params.temperature  # the sampled distribution (top_p 1)
         logprobs = _raw_token_logprobs(logits, new).tolist()  # [B, S]
         return [
             self._completion(new[i].tolist(), logprobs[i], rows[i].max_tokens, params.stop)

@@ -28,7 +28,8 @@ from posttrain.config import DeepSpeedConfig, OptimConfig, ParallelConfig
 
 
 def init_distributed() -> None:
-    """Start torch.distributed (gloo on CPU) through DeepSpeed, also for a single process.
+    """Start torch.distributed (gloo on CPU; NCCL + gloo with CUDA) and DeepSpeed's view of it, also for a
+    single process.
 
     A world of one (no launcher, or a launcher with one rank) needs no rendezvous: it gets an
     in-memory store and binds no port, so it cannot collide with another process's port — not even
@@ -45,14 +46,17 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", "0")  # never bound: the store below is in memory
     # DeepSpeed's shared-memory all-reduce op compiles for 75-90 s on first use; gloo is enough here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    cuda = torch.cuda.is_available()
+    # With CUDA: NCCL for device tensors and gloo for any CPU tensor (object collectives, small tables),
+    # so no collective fails on a tensor's device; the strategy still reduces on the training device.
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     if not torch.distributed.is_initialized():
         if world == 1:
             store = torch.distributed.HashStore()  # type: ignore[attr-defined]
             torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
-        deepspeed.init_distributed(
-            dist_backend=backend, verbose=False
-        )  # adopts the group above when world == 1
+        else:
+            torch.distributed.init_process_group(backend, init_method="env://")  # the launcher's rendezvous
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)  # adopts the group
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):  # type: ignore[no-untyped-def]
@@ -192,10 +196,10 @@ class Strategy:
     # ---------------------------------------------------------------------------------------------
     # training
 
-    def forward(self, **batch: torch.Tensor) -> Any:
+    def forward(self, **batch: Any) -> Any:
         """Training forward. No KV cache: it is useless here, and with one transformers ignores the
         ``position_ids`` restarts that keep packed sequences apart."""
-        return self.engine(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False)
+        return self.engine(**_on(batch, self.device), use_cache=False)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -203,6 +207,12 @@ class Strategy:
     def step(self) -> None:
         """Call after every micro-batch: DeepSpeed updates at the accumulation boundary only."""
         self.engine.step()
+
+    def accumulation_boundary(self, is_last: bool) -> None:
+        """For loops whose number of micro-batches varies from step to step (the RL update packs them by
+        tokens): call before each micro-batch's forward, True for the step's last one, which then
+        updates the weights. Loops with a fixed count (``grad_accum`` in ``setup``) never call it."""
+        self.engine.set_gradient_accumulation_boundary(is_last)
 
     @property
     def lr(self) -> float:
@@ -220,6 +230,14 @@ class Strategy:
     def all_reduce_sum(self, x: float | torch.Tensor) -> float:
         """The sum of ``x`` over ranks (a collective: every rank calls it)."""
         return float(self.all_reduce_tensor(torch.as_tensor(x, dtype=torch.float64)))
+
+    def all_reduce_max(self, x: float) -> float:
+        """The largest ``x`` over ranks (a collective: every rank calls it)."""
+        t = torch.tensor([x], dtype=torch.float64)
+        if self.world_size > 1:
+            t = t.to(self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.cpu())
 
     def all_reduce_table(self, rows: list[list[float]]) -> list[list[float]]:
         """A small table summed over ranks (every rank passes the same shape)."""
@@ -331,9 +349,9 @@ class FrozenModel:
         self.ep = ep  # posttrain.moe.ExpertParallel when its experts are split over ranks
 
     @torch.no_grad()
-    def __call__(self, **batch: torch.Tensor) -> Any:
+    def __call__(self, **batch: Any) -> Any:
         """The model's output on ``batch`` (moved to the device). No KV cache: see ``Strategy.forward``."""
-        return self.module(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False)
+        return self.module(**_on(batch, self.device), use_cache=False)
 
     def parameter_bytes(self) -> int:
         """Bytes of parameters this rank holds (its ZeRO-3 partition; its experts under EP)."""
@@ -342,6 +360,11 @@ class FrozenModel:
             held = p.ds_tensor if hasattr(p, "ds_tensor") else p
             total += held.numel() * held.element_size()
         return int(total)
+
+
+def _on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors moved to ``device`` (other values, e.g. ``logits_to_keep``, as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def write_hf_checkpoint(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, directory: Path) -> None:

@@ -69,12 +69,11 @@ def judge_engine(judge: str, engine: str = "vllm") -> tuple[Any, threading.Lock]
                     f"llm_judge: judge model directory {judge!r} does not exist; "
                     "set the reward's kwargs.judge to a Hugging Face checkpoint directory"
                 )
-            from transformers import AutoTokenizer
-
             from posttrain.config import EngineConfig
+            from posttrain.models import load_tokenizer
             from posttrain.rollout import make_engine
 
-            tokenizer = AutoTokenizer.from_pretrained(judge)
+            tokenizer = load_tokenizer(judge)
             eng = make_engine(
                 engine, judge, tokenizer, EngineConfig(kind="vllm" if engine == "vllm" else "hf")
             )

@@ -76,3 +76,25 @@ def test_one_stage_table_names_every_runner() -> None:
         assert row.config.__dataclass_fields__["type"].default == kind
     pipeline = (REPO / "posttrain" / "pipeline.py").read_text()
     assert "posttrain.stages." not in pipeline.replace("posttrain.stages.context", "")
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter"}  # fmt: skip
+
+
+def test_collectives_only_through_the_strategy() -> None:
+    """A collective on a CPU tensor fails under NCCL ("No backend type associated with device type cpu"):
+    every collective of the package goes through ``Strategy`` (which reduces on its training device) or
+    ``moe.ExpertParallel`` (on its layers' device). A raw ``torch.distributed.<collective>`` call
+    anywhere else fails this test."""
+    offenders = []
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            if path.relative_to(REPO).as_posix() in ("posttrain/strategy.py", "posttrain/moe.py"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES:
+                    base = ast.unparse(node.value)
+                    if base in ("torch.distributed", "dist"):
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {base}.{node.attr}")
+    assert offenders == []

@@ -20,7 +20,8 @@ import torch.distributed as dist
 import yaml
 
 from posttrain.config import EngineConfig, ModelConfig, SamplingConfig
-from posttrain.data import encode_prompt
+from posttrain.data import collate_prompt_completion, encode_prompt
+from posttrain.losses import completion_logprobs
 from posttrain.models import build_model
 from posttrain.rollout import HFEngine, RolloutEngine, VLLMEngine, make_engine, refresh_fused_moe_weights
 from posttrain.schema import parse
@@ -53,11 +54,15 @@ def perturbed(model: Any, seed: int, scale: float = 0.05) -> Any:
 
 
 @torch.no_grad()
-def hf_logprobs(model: Any, prompt_ids: list[int], token_ids: list[int]) -> torch.Tensor:
-    """log p(token_t | prompt, tokens_<t) by one transformers forward pass.  -> [T_c]"""
+def hf_logprobs(
+    model: Any, prompt_ids: list[int], token_ids: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """log p_T(token_t | prompt, tokens_<t) by one transformers forward pass (logits / T).  -> [T_c]"""
     ids = torch.tensor([prompt_ids + token_ids])  # [1, T_p + T_c]
     logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]  # [T_c, V]
-    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, torch.tensor(token_ids)[:, None])[
+        :, 0
+    ]
 
 
 @torch.no_grad()
@@ -70,12 +75,13 @@ def hf_greedy(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> list[in
     return new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
 
 
-def assert_logprobs_match_hf(groups: list[RolloutGroup], model: Any) -> float:
-    """Every completion's log-probs equal a transformers forward pass over the same tokens; returns the max gap."""
+def assert_logprobs_match_hf(groups: list[RolloutGroup], model: Any, temperature: float = 1.0) -> float:
+    """Every completion's log-probs equal a transformers forward pass over the same tokens at the
+    sampling temperature; returns the max gap."""
     worst = 0.0
     for g in groups:
         for c in g.completions:
-            ref = hf_logprobs(model, g.prompt_ids, c.token_ids)
+            ref = hf_logprobs(model, g.prompt_ids, c.token_ids, temperature)
             gap = (torch.tensor(c.logprobs) - ref).abs().max().item()
             worst = max(worst, gap)
     assert worst < TOL, f"engine log-probs differ from transformers' by {worst:.2e}"
@@ -179,9 +185,10 @@ def test_engine_start_leaves_training_threads_and_rng_alone(case: Case) -> None:
 
 
 @pytest.mark.vllm
-def test_generate_returns_groups_with_raw_model_logprobs(case: Case) -> None:
-    """n completions per prompt, one log-prob per token, equal to transformers' log-probs of the raw
-    model — at temperature 1 and also at 0.5 (vLLM reports raw, untempered log-probs)."""
+def test_generate_returns_groups_with_sampling_distribution_logprobs(case: Case) -> None:
+    """n completions per prompt, one log-prob per token, equal to transformers' log-probs of the
+    distribution sampled from — softmax(logits / T) at T = 1 and at T = 0.5 — and to the RL trainer's
+    own computation at T = 0.7 (left-padded batch, completion positions only, chunked)."""
     case.engine.sync_weights(case.model.state_dict())
     given = samples()
     for temperature in (1.0, 0.5):
@@ -190,7 +197,7 @@ def test_generate_returns_groups_with_raw_model_logprobs(case: Case) -> None:
         groups = case.engine.generate(given, params)
         assert torch.equal(torch.get_rng_state(), rng), "sampling moved the training process's torch RNG"
         check_well_formed(groups, given, n=4, tok=case.tok, max_tokens=10)
-        assert_logprobs_match_hf(groups, case.model)
+        assert_logprobs_match_hf(groups, case.model, temperature)
         assert tokens(case.engine.generate(given, params)) == tokens(groups)  # a seed fixes the samples
         stats = case.engine.last_stats
         assert stats.completions == 4 * len(given) and stats.skipped_overlong == 0
@@ -198,6 +205,23 @@ def test_generate_returns_groups_with_raw_model_logprobs(case: Case) -> None:
         assert case.engine.metrics()["rollout/tokens_per_s"] > 0
     # an untrained model samples near-uniformly: the n samples of a prompt are not all the same
     assert any(len({tuple(c.token_ids) for c in g.completions}) > 1 for g in groups)
+
+    # the trainer's log-probs at T = 0.7, computed as the RL update does, equal the engine's
+    groups = case.engine.generate(given, SamplingConfig(n=4, temperature=0.7, max_tokens=10, seed=4))
+    pairs = [(g.prompt_ids, c.token_ids) for g in groups for c in g.completions]
+    batch = collate_prompt_completion(pairs, case.tok.pad_token_id)
+    with torch.no_grad():
+        logits = case.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+            logits_to_keep=batch["completion_ids"].shape[1] + 1,
+        ).logits[:, :-1]  # fmt: skip
+    trainer, _ = completion_logprobs(logits, batch["completion_ids"], temperature=0.7, chunk_tokens=7)
+    engine = collate_prompt_completion(pairs, 0, lp=[c.logprobs for g in groups for c in g.completions])["lp"]
+    gap = float(((trainer - engine).abs() * batch["completion_mask"]).max())
+    assert gap < TOL, f"trainer log-probs at T = 0.7 differ from the engine's by {gap:.2e}"
+    # a T = 1 computation would not match: the check can fail
+    untempered, _ = completion_logprobs(logits, batch["completion_ids"], temperature=1.0)
+    assert float(((untempered - engine).abs() * batch["completion_mask"]).max()) > 1e-2
     case.engine.sleep()  # no-op on CPU; generation still works after wake()
     case.engine.wake()
     assert len(case.engine.generate(given[:1], SamplingConfig(n=2, max_tokens=4))) == 1

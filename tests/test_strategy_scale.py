@@ -2,8 +2,9 @@
 
 1. **The RL update's gradient does not depend on how a step is split.** ``policy_update`` runs on the
    same 16 sequences (4 groups x 4 completions, completion lengths 1..9, random advantages) as one rank
-   with micro-batches of 1 (16 micro-batches), one rank with micro-batches of 8 (2), two ranks with
-   micro-batches of 8 (ZeRO-2 and ZeRO-3; 1 micro-batch each). Every update aggregates the per-token
+   with a token budget that fits one sequence per micro-batch (16 micro-batches), one rank with a
+   budget of ~half the tokens (a few micro-batches), two ranks with a budget that fits a rank's share
+   (ZeRO-2 and ZeRO-3; 1 micro-batch each). Every update aggregates the per-token
    loss over the completion tokens of the *whole* step (``losses.aggregate``), so the loss, the
    gradient norm and the weights after 3 AdamW updates agree across the splits: loss and grad norm to
    relative 1e-5, weights to ||w - w_ref|| / ||w_ref - w_0|| <= 1e-3 (AdamW magnifies reduction-order
@@ -28,6 +29,7 @@ import torch
 import yaml
 
 from posttrain.config import DeepSpeedConfig, ModelConfig, ParallelConfig, RLConfig
+from posttrain.data import token_bins
 from posttrain.models import build_model
 from posttrain.schema import parse
 from posttrain.types import Completion, RolloutGroup, Sample
@@ -64,10 +66,10 @@ def _groups() -> list[RolloutGroup]:
     return groups
 
 
-def _rl_cfg(micro_batch_size: int) -> RLConfig:
+def _rl_cfg(micro_batch_tokens: int) -> RLConfig:
     return parse(
         RLConfig,
-        {"prompts_per_step": 4, "sampling": {"n": 4}, "micro_batch_size": micro_batch_size,
+        {"prompts_per_step": 4, "sampling": {"n": 4}, "micro_batch_tokens": micro_batch_tokens,
          "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"}},
         "stages.rl",
     )  # fmt: skip
@@ -81,27 +83,28 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _update_worker(rank: int, world: int, port: int, runs: list[tuple[str, int, int]], out: str) -> None:
-    """Each run: (name, ZeRO stage, micro-batch size): STEPS policy updates of this rank's share."""
+    """Each run: (name, ZeRO stage, micro-batch token budget): STEPS policy updates of this rank's share."""
     _init(rank, world, port)
-    from posttrain.stages.rl import micro_batches_per_step, policy_update
+    from posttrain.stages.rl import policy_update
     from posttrain.strategy import Strategy, shutdown
 
-    for name, zero, mb in runs:
+    for name, zero, budget in runs:
         model, _ = build_model(_model_cfg("tiny_llama"), seed=0)
         init = {k: v.clone() for k, v in model.state_dict().items()}
-        cfg = _rl_cfg(mb)
+        cfg = _rl_cfg(budget)
         strategy = Strategy(DeepSpeedConfig(zero_stage=zero), seed=0)
-        grad_accum = micro_batches_per_step(cfg, world)
-        strategy.setup(model, cfg.optim, STEPS, cfg.micro_batch_size, grad_accum)
+        strategy.setup(model, cfg.optim, STEPS, micro_batch_size=1)
         mine = _groups()[rank::world]
+        sizes = [(len(g.prompt_ids), len(c.token_ids)) for g in _groups() for c in g.completions]
         losses, norms = [], []
         for _ in range(STEPS):
-            result = policy_update(strategy, mine, cfg, grad_accum, pad_id=0, reference=None)
+            result = policy_update(strategy, mine, cfg, pad_id=0, reference=None)
             losses.append(result.metrics["train/loss"])
             norms.append(result.metrics["train/grad_norm"])
         final = strategy.full_state_dict()
         if rank == 0:
-            torch.save({"loss": losses, "norm": norms, "init": init, "final": final, "accum": grad_accum},
+            micro = len(token_bins(sizes[rank::world], budget))
+            torch.save({"loss": losses, "norm": norms, "init": init, "final": final, "micro": micro},
                        f"{out}/{name}.pt")  # fmt: skip
         strategy.close()
     shutdown()
@@ -158,14 +161,14 @@ def _spawn(target: Any, world: int, *args: Any) -> None:
 
 
 def test_rl_update_gradient_is_the_same_however_the_step_is_split(tmp_path: Path) -> None:
-    _spawn(_update_worker, 1, [("one_mb1", 2, 1), ("one_mb8", 2, 8)], str(tmp_path))
-    _spawn(_update_worker, 2, [("two_mb8_zero2", 2, 8), ("two_mb8_zero3", 3, 8)], str(tmp_path))
+    _spawn(_update_worker, 1, [("one_each", 2, 1), ("one_halves", 2, 60)], str(tmp_path))
+    _spawn(_update_worker, 2, [("two_zero2", 2, 4096), ("two_zero3", 3, 4096)], str(tmp_path))
     runs = {p.stem: torch.load(p, weights_only=False) for p in tmp_path.glob("*.pt")}
-    ref = runs["one_mb1"]
-    assert ref["accum"] == 16 and runs["one_mb8"]["accum"] == 2 and runs["two_mb8_zero2"]["accum"] == 1
+    ref = runs["one_each"]
+    assert ref["micro"] == 16 and 2 <= runs["one_halves"]["micro"] <= 8 and runs["two_zero2"]["micro"] == 1
     moved = torch.sqrt(sum(((ref["final"][k] - ref["init"][k]) ** 2).sum() for k in ref["init"]))
     assert moved > 1e-3  # the updates really moved the weights
-    for name in ("one_mb8", "two_mb8_zero2", "two_mb8_zero3"):
+    for name in ("one_halves", "two_zero2", "two_zero3"):
         run = runs[name]
         for key in ("loss", "norm"):
             for step, (a, b) in enumerate(zip(ref[key], run[key], strict=True)):

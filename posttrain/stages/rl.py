@@ -44,8 +44,8 @@ from posttrain.curriculum import (
     count_by,
     group_metrics,
 )
-from posttrain.data import collate_completions, load_prompt_samples, write_json_atomic
-from posttrain.losses import aggregate, entropy_from_logits, grpo_loss, next_token_logprobs
+from posttrain.data import collate_prompt_completion, load_prompt_samples, token_bins, write_json_atomic
+from posttrain.losses import aggregate, completion_logprobs, grpo_loss
 from posttrain.reward_runner import RewardRunner, merge_round_metrics
 from posttrain.rollout import RolloutEngine, make_engine
 from posttrain.schema import ConfigError
@@ -71,8 +71,7 @@ def run_rl(ctx: StageContext) -> None:
     sampler = StratifiedSampler(_capability_weights(cfg, set(everything)), seed=ctx.seed)
 
     # ---- training engine, resume, rollout engine --------------------------------------------
-    grad_accum = micro_batches_per_step(cfg, strategy.world_size)
-    strategy.setup(model, cfg.optim, cfg.max_steps * cfg.minibatches, cfg.micro_batch_size, grad_accum)
+    strategy.setup(model, cfg.optim, cfg.max_steps * cfg.minibatches, micro_batch_size=1)
     state = resume(ctx, cfg.max_steps)
     step = int(state["step"])
     totals = Totals(**state.get("totals", {}))
@@ -106,7 +105,7 @@ def run_rl(ctx: StageContext) -> None:
 
         t1 = time.perf_counter()
         rollouts.engine.sleep()  # GPU: the engine's weights and KV cache leave the device while training runs
-        update = policy_update(strategy, batch.kept, cfg, grad_accum, tokenizer.pad_token_id, reference)
+        update = policy_update(strategy, batch.kept, cfg, tokenizer.pad_token_id, reference)
         metrics |= update.metrics
         metrics["time/update_s"] = time.perf_counter() - t1
         metrics["train/tokens_per_s"] = update.model_tokens / metrics["time/update_s"]
@@ -375,8 +374,8 @@ def _seed(seed: int, step: int, rnd: int, rank: int) -> int:
 
 @dataclass
 class _Seq:
-    ids: list[int]  # [T] prompt + completion
-    n_prompt: int
+    prompt: list[int]  # [T_p]
+    completion: list[int]  # [T_c]
     advantage: float
     sampling_logprobs: list[float]  # [T_c] the rollout engine's log-probs of the completion tokens
     old_logprobs: list[float] | None = None  # [T_c] the trainer's, before this step's first update
@@ -389,60 +388,66 @@ class UpdateResult:
     trained: bool = False  # False: no informative group on any rank, the weights did not move
 
 
-def micro_batches_per_step(cfg: RLConfig, world_size: int) -> int:
-    """Micro-batches per optimizer update, fixed per run (DeepSpeed's accumulation boundary): enough
-    for one of the step's ``minibatches`` shares of ``prompts_per_step * n`` sequences."""
-    per_update = math.ceil(cfg.prompts_per_step * cfg.sampling.n / cfg.minibatches)
-    return max(1, math.ceil(per_update / (world_size * cfg.micro_batch_size)))
-
-
 def policy_update(
-    strategy: Strategy,
-    groups: list[RolloutGroup],
-    cfg: RLConfig,
-    grad_accum: int,
-    pad_id: int,
-    reference: FrozenModel | None,
+    strategy: Strategy, groups: list[RolloutGroup], cfg: RLConfig, pad_id: int, reference: FrozenModel | None
 ) -> UpdateResult:
     """The step's update(s) on this rank's informative groups: ``cfg.minibatches`` optimizer steps, each
-    on its share of the sequences, in exactly ``grad_accum`` micro-batches (a short step leaves some
-    empty: they run a 2-token no-loss forward so every rank reaches the accumulation boundary
-    together); each update's loss is aggregated with its completion-token count over all ranks.
+    on its share of the sequences, packed into micro-batches of at most ``cfg.micro_batch_tokens``
+    tokens. Every rank runs as many micro-batches as the busiest one (the others run a 2-token no-loss
+    placeholder: ZeRO's collectives need equal counts); each update's loss is aggregated with its
+    completion-token count over all ranks, so the split never changes the gradient.
 
-    The first update is on-policy (ratio 1). With ``minibatches > 1`` the later ones run on weights
-    that already moved: their ratio is taken against the trainer's log-probs from before the first
-    update (one no-grad forward of those sequences), and the clip bounds how far they go.
+    Log-probs are taken at the sampling temperature, over the completion positions only, in chunks
+    (``losses.completion_logprobs``). The first update is on-policy (ratio 1). With ``minibatches > 1``
+    the later ones run on weights that already moved: their ratio is taken against the trainer's
+    log-probs from before the first update (one no-grad forward of those sequences), and the clip
+    bounds how far they go.
     """
     seqs = [
-        _Seq(g.prompt_ids + c.token_ids, len(g.prompt_ids), a, c.logprobs)
+        _Seq(g.prompt_ids, c.token_ids, a, c.logprobs)
         for g in groups
         for c, r, a in zip(g.completions, g.rewards, g.advantages, strict=True)
         if not math.isnan(r) and c.token_ids
     ]
     # The kept groups can sit on a few ranks (each generated its own share of the prompts): spread
-    # the sequences evenly, so no rank's micro-batch outgrows micro_batch_size. Same gradient.
+    # the sequences evenly over the ranks. Same gradient.
     seqs = strategy.all_gather_list(seqs)[strategy.rank :: strategy.world_size]
     parts = [seqs[u :: cfg.minibatches] for u in range(cfg.minibatches)]
-    denoms = [strategy.all_reduce_sum(sum(len(s.ids) - s.n_prompt for s in part)) for part in parts]
+    denoms = [strategy.all_reduce_sum(sum(len(s.completion) for s in part)) for part in parts]
     total = sum(denoms)
     if total == 0:  # no informative group on any rank: no update compute at all
         return UpdateResult({})
 
-    def chunk(part: list[_Seq]) -> list[list[_Seq]]:
-        """``grad_accum`` micro-batches; an empty one holds a 2-token no-loss dummy (equal backward counts)."""
-        return [part[i::grad_accum] or [_Seq([pad_id, pad_id], 2, 0.0, [])] for i in range(grad_accum)]
+    def micro_batches(part: list[_Seq]) -> list[list[_Seq]]:
+        """Token-bounded micro-batches, as many on every rank (placeholders where a rank has fewer)."""
+        bins = [
+            [part[i] for i in b]
+            for b in token_bins([(len(s.prompt), len(s.completion)) for s in part], cfg.micro_batch_tokens)
+        ]
+        count = int(strategy.all_reduce_max(len(bins)))
+        return bins + [[_Seq([pad_id], [], 0.0, [])] for _ in range(count - len(bins))]
 
+    def forward(micro: list[_Seq], model: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The micro-batch collated and the logits of its completion positions [B, C, V]."""
+        batch = _collate(micro, pad_id)
+        width = batch["completion_ids"].shape[1]
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"], logits_to_keep=width + 1,
+        )  # fmt: skip
+        return batch, out.logits[:, :-1]  # position t predicts completion token t
+
+    temperature, chunk = cfg.sampling.temperature, cfg.logprob_chunk_tokens
     if cfg.minibatches > 1:
         with torch.no_grad():  # old log-probs of the sequences updated after the first optimizer step
             for part in parts[1:]:
-                for micro in chunk(part):
-                    batch = _collate(micro, pad_id)
-                    fwd = strategy.forward(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                for micro in micro_batches(part):
+                    batch, logits = forward(micro, strategy.forward)
+                    lp, _ = completion_logprobs(
+                        logits, batch["completion_ids"], temperature, chunk, entropy=False
                     )
-                    lp = next_token_logprobs(fwd.logits, batch["input_ids"])[1].cpu()  # [B, T-1]
                     for b, s in enumerate(micro):
-                        s.old_logprobs = lp[b, s.n_prompt - 1 : len(s.ids) - 1].tolist()
+                        s.old_logprobs = lp[b, : len(s.completion)].cpu().tolist()
 
     sums: dict[str, float] = defaultdict(float)
     model_tokens = updates = 0
@@ -450,12 +455,15 @@ def policy_update(
         if denom == 0:  # the same on every rank: skip the whole optimizer step
             continue
         updates += 1
-        for micro in chunk(part):
-            batch = _collate(micro, pad_id)
+        micros = micro_batches(part)
+        for k, micro in enumerate(micros):
+            strategy.accumulation_boundary(k == len(micros) - 1)
+            batch, logits = forward(micro, strategy.forward)
             model_tokens += int(batch["attention_mask"].sum())
-            fwd = strategy.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits, logprobs = next_token_logprobs(fwd.logits, batch["input_ids"])  # [B, T-1, V], [B, T-1]
-            mask = batch["completion_mask"][:, 1:].to(logits.device)  # [B, T-1]
+            mask = batch["completion_mask"].to(logits.device)  # [B, C]
+            logprobs, entropy = completion_logprobs(
+                logits, batch["completion_ids"], temperature, chunk, entropy_grad=cfg.loss.entropy_coef > 0
+            )  # [B, C] each
             old = (
                 logprobs.detach()
                 if micro[0].old_logprobs is None
@@ -463,15 +471,10 @@ def policy_update(
             )
             ref_logprobs = None
             if reference is not None:
-                ref_out = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                ref_logprobs = next_token_logprobs(ref_out.logits, batch["input_ids"])[1].to(
-                    logits.device
-                )  # [B, T-1]
-            if cfg.loss.entropy_coef > 0:
-                entropy = entropy_from_logits(logits)  # [B, T-1]
-            else:
-                with torch.no_grad():
-                    entropy = entropy_from_logits(logits.detach())
+                _, ref_logits = forward(micro, reference)
+                ref_logprobs = completion_logprobs(
+                    ref_logits, batch["completion_ids"], temperature, chunk, entropy=False
+                )[0].to(logits.device)  # [B, C]
             per_token, m = grpo_loss(
                 logprobs, old, batch["advantages"].to(logits.device), mask,
                 clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
@@ -488,8 +491,8 @@ def policy_update(
             sums["ratio_max"] = max(sums["ratio_max"], float(m["ratio_max"]) if n_tok else 0.0)
             if "kl_mean" in m:
                 sums["kl"] += float(m["kl_mean"]) * n_tok
-            diff = (logprobs.detach() - batch["sampling_logprobs"].to(logits.device)).abs()
             if micro[0].old_logprobs is None:  # before any update of this step: trainer vs engine
+                diff = (logprobs.detach() - batch["sampling_logprobs"].to(logits.device)).abs()
                 sums["logprob_diff"] += float((diff * mask).sum())
                 sums["logprob_tokens"] += n_tok
     out = {
@@ -501,7 +504,7 @@ def policy_update(
         "train/updates": float(updates),
         "train/lr": strategy.lr,
         # |trainer - rollout engine| log-prob per completion token, on the weights that sampled (the
-        # first update's sequences): ~0 when the weight sync is right
+        # first update's sequences): ~1e-6 on CPU fp32 when the weight sync is right
         "train/rollout_logprob_diff": strategy.all_reduce_sum(sums["logprob_diff"])
         / max(strategy.all_reduce_sum(sums["logprob_tokens"]), 1.0),
     }
@@ -515,9 +518,9 @@ def policy_update(
 
 
 def _collate(seqs: list[_Seq], pad_id: int) -> dict[str, torch.Tensor]:
-    """``collate_completions`` plus advantages [B]; old_logprobs are 0 where unknown."""
-    batch = collate_completions(
-        [(s.ids, s.n_prompt) for s in seqs], pad_id,
+    """``collate_prompt_completion`` plus advantages [B]; old_logprobs are 0 where unknown."""
+    batch = collate_prompt_completion(
+        [(s.prompt, s.completion) for s in seqs], pad_id,
         sampling_logprobs=[s.sampling_logprobs for s in seqs], old_logprobs=[s.old_logprobs for s in seqs],
     )  # fmt: skip
     batch["advantages"] = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)  # [B]
@@ -541,4 +544,4 @@ def sample_rows(groups: list[RolloutGroup], k: int) -> list[dict[str, Any]]:
     return rows[:k]
 
 
-__all__ = ["Rollouts", "StepBatch", "UpdateResult", "micro_batches_per_step", "policy_update", "run_rl"]
+__all__ = ["Rollouts", "StepBatch", "UpdateResult", "policy_update", "run_rl"]
