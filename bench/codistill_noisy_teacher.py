@@ -160,7 +160,9 @@ def train_arm(arm: Arm, seed: int, data: dict[str, Any], args: argparse.Namespac
     train_s = time.perf_counter() - t0
 
     ev = data["eval"]
-    outs = generate(model, tok, [r["prompt"] for r in ev], 8, 0.0, 256, seed)
+    outs = tok.batch_decode(
+        generate(model, tok, [r["prompt"] for r in ev], 8, 0.0, 256, seed), skip_special_tokens=True
+    )
     hits = [o == r["answer"] for o, r in zip(outs, ev, strict=True)]
     wrong = [teacher_is_wrong(r["prompt"], args.wrong_letters) for r in ev]
 

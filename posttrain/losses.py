@@ -43,16 +43,17 @@ def next_token_logprobs(logits: Tensor, input_ids: Tensor) -> tuple[Tensor, Tens
 
 
 def sft_loss(
-    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, chunk_tokens: int = 4096
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token negative log-likelihood of ``labels``; positions equal to ``ignore_index`` get 0.
 
     ``logits`` [B, T, V] and ``labels`` [B, T] are already aligned (call ``shift_for_next_token`` first).
-    Returns (nll [B, T], {"mask": [B, T] bool}).
+    The float32 log-softmax runs ``chunk_tokens`` positions at a time (``completion_logprobs``), so no
+    float32 [B, T, V] copy is kept for the backward pass. Returns (nll [B, T], {"mask": [B, T] bool}).
     """
     mask = labels != ignore_index
-    nll = -token_logprobs(logits, labels) * mask
-    return nll, {"mask": mask}
+    logprobs, _ = completion_logprobs(logits, labels, chunk_tokens=chunk_tokens, entropy=False)
+    return -logprobs * mask, {"mask": mask}
 
 
 def aggregate(per_token: Tensor, mask: Tensor, denom: float | Tensor | None = None) -> Tensor:

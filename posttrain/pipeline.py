@@ -176,17 +176,24 @@ def _train_stage(recipe: Recipe, name: str, cfg: Any, sd: Path, input_dir: Path 
 
 
 def _evaluate_once(recipe: Recipe, sd: Path, checkpoint: Path | None, strategy: Strategy) -> dict[str, float]:
-    """Held-out metrics of a checkpoint (None: the recipe's starting model), cached in <sd>/eval.json."""
+    """Held-out metrics of a checkpoint (None: the recipe's starting model), cached in <sd>/eval.json.
+    Every rank loads it on its device and evaluates its share of the prompts (``evaluate``)."""
     out = sd / "eval.json"
-    if strategy.is_main and not out.exists():
+    if not out.exists():
         if checkpoint is None:
             model, tok = build_model(recipe.model, seed=recipe.run.seed)
         else:
             model, tok = load_checkpoint(checkpoint, recipe.model.dtype)
         ds = load_rows(recipe.eval.data, "eval", recipe.run.seed, ["prompt"])
-        metrics = evaluate(model, tok, ds, recipe.eval, seed=recipe.run.seed)
-        sd.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=1))
+        metrics = evaluate(
+            model.to(strategy.device), tok, ds, recipe.eval, seed=recipe.run.seed, strategy=strategy
+        )
+        del model
+        if strategy.is_main:
+            sd.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(metrics, indent=1))
+            tmp.replace(out)
     strategy.barrier()
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 

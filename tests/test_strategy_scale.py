@@ -15,6 +15,8 @@
    outputs equal the unsharded model's (relative 1e-5); with ``parallel.ep_size=2`` a Llama 4 MoE
    teacher keeps 2 of its 4 routed experts per MoE layer on each rank (under ZeRO-2 and ZeRO-3) and
    its logits equal the whole model's on each rank's own batch.
+3. **Held-out evaluation runs on every rank**, each on its share of the prompts, a ZeRO-3-sharded
+   student generating in lockstep: the counts summed over 2 ranks equal one process's evaluation.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ import pytest
 import torch
 import yaml
 
-from posttrain.config import DeepSpeedConfig, ModelConfig, ParallelConfig, RLConfig
+from posttrain.config import (
+    DataConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RLConfig,
+)
 from posttrain.data import token_bins
 from posttrain.models import build_model
 from posttrain.schema import parse
@@ -136,8 +146,39 @@ def _frozen_worker(rank: int, world: int, port: int, out: str) -> None:
             "requires_grad": any(p.requires_grad for p in frozen.module.parameters()),
         }
         strategy.close()
+
+    # held-out evaluation: each rank its share, the student sharded by ZeRO-3 (generate in lockstep)
+    from posttrain.evaluate import evaluate
+
+    strategy = Strategy(DeepSpeedConfig(zero_stage=3), seed=0)
+    model, tok = build_model(_model_cfg("tiny_llama"), seed=0)
+    strategy.setup(model, parse(OptimConfig, {}, "optim"), 1, micro_batch_size=1)
+    result["eval"] = evaluate(strategy.module, tok, _eval_rows(), _eval_cfg(), strategy=strategy, synced=True)
+    strategy.close()
     torch.save(result, f"{out}/frozen_rank{rank}.pt")
     shutdown()
+
+
+def _eval_rows() -> Any:
+    from posttrain.data import load_rows
+
+    return load_rows(
+        parse(
+            DataConfig,
+            {
+                "tasks": {"add": {"kind": "add", "levels": [1]}, "rev": {"kind": "reverse", "levels": [3]}},
+                "num_eval": 7,
+            },
+            "d",
+        ),
+        "eval",
+        0,
+        ["prompt"],
+    )
+
+
+def _eval_cfg() -> Any:
+    return parse(EvalConfig, {"max_new_tokens": 4, "batch_size": 3, "sampled": False}, "eval")
 
 
 def _free_port() -> int:
@@ -200,3 +241,12 @@ def test_frozen_models_are_sharded_like_the_student(tmp_path: Path) -> None:
             assert moe["rel_err"] <= 1e-5 and not moe["requires_grad"], moe
         assert r["moe_ep_zero2"]["bytes_ratio"] < 0.9  # the routed experts are most of tiny_llama4
         assert r["moe_ep_zero3"]["bytes_ratio"] < r["moe_ep_zero2"]["bytes_ratio"]
+    # 14 prompts split 7/7 over the ranks, 3 generate calls each: the same result as one process
+    from posttrain.evaluate import evaluate
+
+    model, tok = build_model(_model_cfg("tiny_llama"), seed=0)
+    alone = evaluate(model, tok, _eval_rows(), _eval_cfg())
+    assert set(alone) >= {"greedy_pass@1", "greedy_len", "add/greedy_pass@1", "rev/greedy_pass@1"}
+    for rank in range(2):
+        r = torch.load(tmp_path / f"frozen_rank{rank}.pt", weights_only=False)
+        assert r["eval"] == alone

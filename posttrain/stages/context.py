@@ -70,20 +70,17 @@ def resume(ctx: StageContext, total_steps: int) -> dict[str, Any]:
 
 def maybe_eval(ctx: StageContext, tokenizer: Any, step: int) -> None:
     """Every ``cfg.eval_every`` steps (not at the last: the pipeline evaluates every finished stage):
-    held-out greedy/sampled pass@1 of the current weights, logged as ``eval/*``. Collective when the
-    model is sharded (ZeRO-3 or expert-parallel): every rank calls it at the same steps."""
+    held-out greedy/sampled pass@1 of the current weights, logged as ``eval/*``. Every rank generates
+    its share of the prompts with the training model on its device (a collective: every rank calls
+    it at the same steps; a sharded model generates in lockstep)."""
     every, last = int(getattr(ctx.cfg, "eval_every", 0)), int(ctx.cfg.max_steps)
     if not every or step % every or step >= last:
         return
     strategy = ctx.strategy
-    state = strategy.full_state_dict() if strategy.model_is_sharded else None
-    if not strategy.is_main:
-        return
-    model = strategy.module
-    if state is not None:
-        model, _ = ctx.load_model()
-        model.load_state_dict(state)
-    metrics = evaluate(model, tokenizer, ctx.eval_set(), ctx.recipe.eval, seed=ctx.seed + step)
+    metrics = evaluate(
+        strategy.module, tokenizer, ctx.eval_set(), ctx.recipe.eval, seed=ctx.seed + step,
+        strategy=strategy, synced=strategy.model_is_sharded,
+    )  # fmt: skip
     ctx.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
 
 
