@@ -102,10 +102,10 @@ def evaluate(
                        calls=calls, synced=synced)  # fmt: skip
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         rewards = score(prompts, texts, **columns) if prompts else []
-        for i, r, row in zip(mine, rewards, ids, strict=True):
+        for i, r, completion in zip(mine, rewards, ids, strict=True):
             cell = table[names.index(caps_all[i])]
             cell[1 + 2 * m] += 1.0 if r == 1.0 else 0.0
-            cell[2 + 2 * m] += len(row)
+            cell[2 + 2 * m] += len(completion)
     if strategy is not None:
         table = strategy.all_reduce_table(table)
     results: dict[str, float] = {}
@@ -113,6 +113,6 @@ def evaluate(
     for m, mode in enumerate(modes):
         results[f"{mode}_pass@1"] = sum(row[1 + 2 * m] for row in table) / max(1.0, total)
         results[f"{mode}_len"] = sum(row[2 + 2 * m] for row in table) / max(1.0, total)
-        for name, row in zip(names, table, strict=True):
-            results[f"{name}/{mode}_pass@1"] = row[1 + 2 * m] / max(1.0, row[0])
+        for name, counts in zip(names, table, strict=True):
+            results[f"{name}/{mode}_pass@1"] = counts[1 + 2 * m] / max(1.0, counts[0])
     return results
