@@ -286,6 +286,8 @@ class ExpertParallel:
             else:
                 raise KeyError(f"expert-parallel export: no HF name for '{key}'")
         for block, lay in self.layouts.items():
+            if f"{block}.experts.w1" not in state:
+                continue  # a state of some blocks only (streamed weights); every rank skips the same ones
             w1, w2, w3 = (self._gather(state[f"{block}.experts.{w}"]) for w in ("w1", "w2", "w3"))
             # w1 (gate), w3 (up): [E, I, H]; w2 (down): [E, H, I]
             prefix = f"{block}.{lay.experts}"
@@ -313,7 +315,7 @@ class ExpertParallel:
         local = local.detach().contiguous()
         parts = [torch.empty_like(local) for _ in range(self.ep_size)]
         torch.distributed.all_gather(parts, local, group=self.ep_group)
-        return torch.cat(parts, dim=0).cpu()
+        return torch.cat(parts, dim=0)
 
 
 def _a2a_elapsed_ms() -> float:

@@ -5,7 +5,7 @@ This is the only module that imports vLLM. The RL loop sees a ``RolloutEngine``:
     engine = make_engine("vllm", model_dir, tokenizer, EngineConfig())
     groups = engine.generate(samples, SamplingConfig(n=8, temperature=1.0, max_tokens=16))
     ...                                     # rewards, advantages, policy update
-    engine.sync_weights(strategy.full_state_dict())
+    engine.sync_weights(strategy.hf_weights())     # streamed: one module at a time
     engine.metrics()                        # {"rollout/tokens_per_s": …, "rollout/skipped_overlong": …}
 
 Two implementations:
@@ -53,7 +53,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -68,6 +68,8 @@ from posttrain.errors import MissingDependencyError
 from posttrain.types import Completion, RolloutGroup, Sample
 
 log = logging.getLogger(__name__)
+
+Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]  # a state dict or a stream of pairs
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,16 +121,19 @@ class RolloutEngine(Protocol):
         """One group of ``params.n`` completions per prompt that fits the context, in input order."""
         ...
 
-    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Make the next ``generate`` sample from these (HF-named, full) weights."""
+    def sync_weights(self, weights: Weights) -> None:
+        """Make the next ``generate`` sample from these HF-named, full weights: a state dict, or an
+        iterator of (name, tensor) consumed as it goes (``Strategy.hf_weights`` streams one module at a
+        time). Wakes a sleeping engine: weights first, then its cache."""
+        ...
+
+    @property
+    def asleep(self) -> bool:
+        """True after ``sleep`` until the next ``sync_weights``."""
         ...
 
     def sleep(self) -> None:
-        """Free accelerator memory for training (no-op where unsupported)."""
-        ...
-
-    def wake(self) -> None:
-        """Undo ``sleep`` before the next ``generate``."""
+        """Free accelerator memory for training (no-op where unsupported); ``sync_weights`` wakes it."""
         ...
 
     def metrics(self) -> dict[str, float]:
@@ -471,7 +476,9 @@ class VLLMEngine:
 
     def generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
         if self._asleep:
-            raise RuntimeError("rollout: generate() on a sleeping vLLM engine; call engine.wake() first")
+            raise RuntimeError(
+                "rollout: generate() on a sleeping vLLM engine; call engine.sync_weights() first"
+            )
         t0 = time.perf_counter()
         stats = GenerateStats(prompts=len(samples))
         prompts = _encode_all(samples, self.tokenizer, self.max_model_len, params.max_tokens, stats)
@@ -503,25 +510,32 @@ class VLLMEngine:
 
     # -- weights and memory ---------------------------------------------------------------------------
 
-    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def sync_weights(self, weights: Weights) -> None:
         t0 = time.perf_counter()
-        weights = ((name, t.detach()) for name, t in state_dict.items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])  # the weights' memory only: the KV cache comes after them
+        pairs = weights.items() if isinstance(weights, Mapping) else weights
+        stream = ((name, t.detach()) for name, t in pairs)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         if self.on_cpu:
             self.last_sync_moe_layers = max(self.llm.collective_rpc(refresh_fused_moe_weights))
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self.last_sync_seconds = time.perf_counter() - t0
 
     def sleep(self) -> None:
-        """GPU: offload weights to CPU and drop the KV cache (level 1). CPU: nothing to free."""
+        """GPU: free the engine's memory for training: its weights are discarded and its KV cache
+        dropped (level 2), since the next ``sync_weights`` overwrites the weights anyway — which is
+        why a slept engine must be synced (not merely woken) before it generates. CPU: nothing to free."""
         if self._sleep_mode and not self._asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
             self._asleep = True
 
-    def wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+    @property
+    def asleep(self) -> bool:
+        return self._asleep
 
     def metrics(self) -> dict[str, float]:
         return {**self.last_stats.metrics(), "rollout/sync_seconds": self.last_sync_seconds}
@@ -644,16 +658,16 @@ class HFEngine:
                     break
         return Completion(text=text, token_ids=ids, logprobs=logprobs[: len(ids)], finish_reason=finish)
 
-    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def sync_weights(self, weights: Weights) -> None:
         t0 = time.perf_counter()
-        self.model.load_state_dict({k: v.detach() for k, v in state_dict.items()}, strict=True)
+        pairs = weights.items() if isinstance(weights, Mapping) else weights
+        self.model.load_state_dict({k: v.detach() for k, v in pairs}, strict=True)
         self.last_sync_seconds = time.perf_counter() - t0
+
+    asleep = False
 
     def sleep(self) -> None:
         """Nothing to free: the HF engine holds one copy of the weights and no cache between calls."""
-
-    def wake(self) -> None:
-        """See ``sleep``."""
 
     def metrics(self) -> dict[str, float]:
         return {**self.last_stats.metrics(), "rollout/sync_seconds": self.last_sync_seconds}

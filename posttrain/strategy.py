@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,17 +313,37 @@ class Strategy:
     # export
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Consolidated model weights in HF names on every rank (ZeRO-3 parameters gathered, expert-parallel
-        experts gathered from their ranks). Collective under ZeRO-3 or EP: every rank calls it."""
-        if self.ds.zero_stage == 3:
-            import deepspeed
+        """Consolidated model weights in HF names on every rank, in host memory (ZeRO-3 parameters
+        gathered, expert-parallel experts gathered from their ranks), streamed from ``hf_weights`` so
+        only one module is gathered on the device at a time. Collective under ZeRO-3 or EP."""
+        return {k: v.cpu() for k, v in self.hf_weights()}
 
-            params = list(self.engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = {k: v.detach().clone().cpu() for k, v in self.engine.module.state_dict().items()}
-        else:
-            state = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
-        return state if self.ep is None else self.ep.hf_state_dict(state)
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's weights in HF names, streamed one module at a time on the training device: under
+        ZeRO-3 only that module's parameters are gathered (and cloned) at once, under expert parallelism
+        one MoE block's experts; nothing is copied to host memory. What a rollout engine on the same
+        device loads in place (``engine.sync_weights``). Collective under ZeRO-3 or EP: every rank
+        iterates it to the end, in step. Yields what ``full_state_dict()`` holds (tests check it)."""
+        import deepspeed
+
+        zero3 = self.ds.zero_stage == 3
+        model = self.engine.module
+        blocks = set(self.ep.layers) if self.ep is not None else set()
+        for name, module in model.named_modules():
+            if any(name.startswith(b + ".") for b in blocks):
+                continue  # inside an expert-parallel block: taken with the block
+            whole = name in blocks
+            tensors = (
+                list(module.parameters())
+                if whole
+                else [t for t in module._parameters.values() if t is not None]
+            )
+            with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None, enabled=zero3):
+                local = _local_state(module, f"{name}." if name else "", whole)
+                state = {k: v.detach().clone() if zero3 else v.detach() for k, v in local.items()}
+            if whole and self.ep is not None:
+                state = self.ep.hf_state_dict(state)
+            yield from state.items()
 
     def export_hf(self, directory: str | Path, tokenizer: Any) -> None:
         """A Hugging Face checkpoint (``save_pretrained``) written atomically by rank 0."""
@@ -360,6 +381,16 @@ class FrozenModel:
             held = p.ds_tensor if hasattr(p, "ds_tensor") else p
             total += held.numel() * held.element_size()
         return int(total)
+
+
+def _local_state(module: torch.nn.Module, prefix: str, whole: bool) -> dict[str, torch.Tensor]:
+    """The module's own state-dict entries (``whole``: its submodules' too), keys prefixed."""
+    if whole:
+        return dict(module.state_dict(prefix=prefix))
+    out: dict[str, torch.Tensor] = {prefix + k: v for k, v in module._parameters.items() if v is not None}
+    skip = module._non_persistent_buffers_set
+    out |= {prefix + k: v for k, v in module._buffers.items() if v is not None and k not in skip}
+    return out
 
 
 def _on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

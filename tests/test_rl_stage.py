@@ -180,6 +180,19 @@ def test_minibatches_make_several_updates_per_step_off_policy_after_the_first(tm
     assert steps[1]["train/rollout_logprob_diff"] < 1e-4
 
 
+def test_zero3_streams_the_weights_into_the_engine(tmp_path: Path) -> None:
+    """Under ZeRO-3 the weight sync streams one gathered module at a time (``Strategy.hf_weights``):
+    step 2's rollouts come from the weights step 1 trained, so engine and trainer agree."""
+    data = tmp_path / "prompts.jsonl"
+    _write_prompts(data, ["parity"], n_per_cap=12)
+    recipe = _recipe(tmp_path, data, "z3", log_samples_every=0)
+    recipe["deepspeed"] = {"zero_stage": 3}
+    run_pipeline(parse_recipe(recipe))
+    steps = [r for r in _rows(tmp_path / "runs" / "z3" / "rl", "metrics.jsonl") if r["step"] >= 1]
+    assert [r["step"] for r in steps] == [1, 2] and steps[0]["train/grad_norm"] > 0
+    assert steps[1]["train/rollout_logprob_diff"] < 1e-4
+
+
 def test_capability_weights_must_name_capabilities_of_the_data(tmp_path: Path) -> None:
     data = tmp_path / "prompts.jsonl"
     _write_prompts(data, ["parity", "const"], n_per_cap=4)

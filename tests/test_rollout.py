@@ -222,8 +222,9 @@ def test_generate_returns_groups_with_sampling_distribution_logprobs(case: Case)
     # a T = 1 computation would not match: the check can fail
     untempered, _ = completion_logprobs(logits, batch["completion_ids"], temperature=1.0)
     assert float(((untempered - engine).abs() * batch["completion_mask"]).max()) > 1e-2
-    case.engine.sleep()  # no-op on CPU; generation still works after wake()
-    case.engine.wake()
+    case.engine.sleep()  # no-op on CPU; a synced engine generates again
+    case.engine.sync_weights(iter(case.model.state_dict().items()))  # a stream of pairs, not a dict
+    assert not case.engine.asleep
     assert len(case.engine.generate(given[:1], SamplingConfig(n=2, max_tokens=4))) == 1
 
 
@@ -248,6 +249,34 @@ def test_after_weight_updates_greedy_and_logprobs_equal_hf(case: Case) -> None:
         )
     expected_moe_layers = 2 if case.arch == "tiny_llama4" else 0
     assert case.engine.last_sync_moe_layers == expected_moe_layers
+
+
+@pytest.mark.vllm
+def test_streamed_weight_sync_equals_a_full_state_dict_sync(case: Case) -> None:
+    """Weights handed over as a stream of (name, tensor) pairs, one module at a time and each pair
+    dropped after it is yielded (as ``Strategy.hf_weights`` streams them), leave the engine exactly as
+    a whole state dict does: the same greedy tokens and log-probs, dense and MoE."""
+    params = SamplingConfig(n=2, temperature=0.8, max_tokens=10, seed=7)
+    updated = perturbed(case.model, 3).eval()
+    case.engine.sync_weights(updated.state_dict())
+    whole = case.engine.generate(samples(), params)
+
+    def stream() -> Any:
+        for name, module in updated.named_modules():
+            for key, value in list(module._parameters.items()) + list(module._buffers.items()):
+                full = f"{name}.{key}" if name else key
+                if value is not None and full in updated.state_dict():
+                    yield full, value.detach().clone()
+
+    case.engine.sync_weights(case.model.state_dict())  # other weights in between
+    between = case.engine.generate(samples(), params)
+    assert [c.logprobs for g in between for c in g.completions] != [c.logprobs for g in whole for c in g.completions]
+    case.engine.sync_weights(stream())
+    streamed = case.engine.generate(samples(), params)
+    assert tokens(streamed) == tokens(whole)
+    assert [c.logprobs for g in streamed for c in g.completions] == [
+        c.logprobs for g in whole for c in g.completions
+    ]
 
 
 @pytest.mark.vllm

@@ -15,6 +15,8 @@
    outputs equal the unsharded model's (relative 1e-5); with ``parallel.ep_size=2`` a Llama 4 MoE
    teacher keeps 2 of its 4 routed experts per MoE layer on each rank (under ZeRO-2 and ZeRO-3) and
    its logits equal the whole model's on each rank's own batch.
+   ``Strategy.hf_weights`` (the streamed weight sync: one module gathered at a time) yields exactly
+   the whole gathered state in HF names, for a ZeRO-3 student and an expert-parallel one.
 3. **Held-out evaluation runs on every rank**, each on its share of the prompts, a ZeRO-3-sharded
    student generating in lockstep: the counts summed over 2 ranks equal one process's evaluation.
 """
@@ -147,6 +149,29 @@ def _frozen_worker(rank: int, world: int, port: int, out: str) -> None:
         }
         strategy.close()
 
+    # streamed weights (one module at a time) equal the whole gathered state, dense ZeRO-3 and EP
+    import deepspeed
+
+    for name, model_name, ds, par in (
+        ("stream_zero3", "tiny_llama", DeepSpeedConfig(zero_stage=3), ParallelConfig()),
+        ("stream_ep", "tiny_llama4", DeepSpeedConfig(zero_stage=2), ParallelConfig(ep_size=2)),
+    ):
+        strategy = Strategy(ds, par, seed=0)
+        model, _ = build_model(_model_cfg(model_name), seed=0)
+        strategy.setup(model, parse(OptimConfig, {}, "optim"), 1, micro_batch_size=1)
+        streamed = {k: v.clone() for k, v in strategy.hf_weights()}
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=ds.zero_stage == 3):
+            whole = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if strategy.ep is not None:
+            whole = strategy.ep.hf_state_dict(whole)
+        reference, _ = build_model(_model_cfg(model_name), seed=0)
+        result[name] = {
+            "same_keys": set(streamed) == set(whole) == set(reference.state_dict()),
+            "max_diff": max(float((streamed[k] - whole[k]).abs().max()) for k in whole),
+            "vs_hf": max(float((streamed[k] - v).abs().max()) for k, v in reference.state_dict().items()),
+        }
+        strategy.close()
+
     # held-out evaluation: each rank its share, the student sharded by ZeRO-3 (generate in lockstep)
     from posttrain.evaluate import evaluate
 
@@ -241,6 +266,8 @@ def test_frozen_models_are_sharded_like_the_student(tmp_path: Path) -> None:
             assert moe["rel_err"] <= 1e-5 and not moe["requires_grad"], moe
         assert r["moe_ep_zero2"]["bytes_ratio"] < 0.9  # the routed experts are most of tiny_llama4
         assert r["moe_ep_zero3"]["bytes_ratio"] < r["moe_ep_zero2"]["bytes_ratio"]
+        for name in ("stream_zero3", "stream_ep"):
+            assert r[name]["same_keys"] and r[name]["max_diff"] == 0.0 and r[name]["vs_hf"] == 0.0, r[name]
     # 14 prompts split 7/7 over the ranks, 3 generate calls each: the same result as one process
     from posttrain.evaluate import evaluate
 

@@ -109,11 +109,10 @@ def run_rl(ctx: StageContext) -> None:
         metrics |= update.metrics
         metrics["time/update_s"] = time.perf_counter() - t1
         metrics["train/tokens_per_s"] = update.model_tokens / metrics["time/update_s"]
-        rollouts.engine.wake()
-        if update.trained:
-            rollouts.engine.sync_weights(strategy.full_state_dict())
+        if update.trained or rollouts.engine.asleep:  # a slept engine discarded its weights: reload them
+            rollouts.engine.sync_weights(strategy.hf_weights())  # streamed, one module at a time
             metrics["rollout/sync_seconds"] = rollouts.engine.metrics()["rollout/sync_seconds"]
-        else:
+        if not update.trained:
             metrics["train/skipped"] = 1.0
         step += 1
 
@@ -202,7 +201,7 @@ def _start_engine(ctx: StageContext, tokenizer: Any, resumed: bool) -> RolloutEn
         work_dir=ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}",
     )
     if resumed:
-        engine.sync_weights(ctx.strategy.full_state_dict())
+        engine.sync_weights(ctx.strategy.hf_weights())
     return engine
 
 
