@@ -198,6 +198,9 @@ class EngineConfig:
     kv_cache_space_gib: PosInt = 1  # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     sleep_during_training: bool = True  # GPU: free vLLM's memory between rollouts (no-op on CPU)
     hf_batch_size: PosInt = 256  # kind=hf: sequences per generate() call
+    # GPU: one vLLM engine per group of this many consecutive ranks, tensor-parallel across their GPUs
+    # (each rank's engine on its own GPU when 1), so a model larger than one GPU can be sampled.
+    tensor_parallel_size: PosInt = 1
     extra: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) keyword arguments (vLLM's names)
 
 

@@ -47,6 +47,7 @@ groups from training's world collectively); give ranks different seeds or differ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -65,6 +66,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from posttrain.config import EngineConfig, SamplingConfig
 from posttrain.data import encode_prompt
 from posttrain.errors import MissingDependencyError
+from posttrain.schema import ConfigError
 from posttrain.types import Completion, RolloutGroup, Sample
 
 log = logging.getLogger(__name__)
@@ -420,6 +422,7 @@ class VLLMEngine:
         )
         if self.cfg.max_model_len is not None:
             kwargs["max_model_len"] = self.cfg.max_model_len
+        self.tp_group, self._tp_rank = self._placement(kwargs)
         kwargs.update(self.cfg.extra)
 
         # vLLM joins a process group that training already started (and must not end it on close).
@@ -449,6 +452,35 @@ class VLLMEngine:
             self.max_model_len,
         )
 
+    def _placement(self, kwargs: dict[str, Any]) -> tuple[Any, int]:
+        """Where the engine runs. One process: in this process on its device. Several ranks on GPUs:
+        vLLM's ``external_launcher`` executor, which takes the launcher's ranks as its own — every rank's
+        engine on its own GPU (``LOCAL_RANK``), or one engine per group of ``tensor_parallel_size``
+        consecutive ranks, sharded across their GPUs (the group's ranks then generate together, see
+        ``generate``). On CPU every rank keeps an in-process engine of its own. Returns the TP group
+        (None without TP) and this rank's place in it."""
+        tp = self.cfg.tensor_parallel_size
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if tp > 1 and self.on_cpu:
+            raise ConfigError(
+                "engine.tensor_parallel_size > 1 needs GPUs (vLLM's CPU engine runs one per rank)"
+            )
+        if world % tp:
+            raise ConfigError(
+                f"engine.tensor_parallel_size={tp} does not divide the number of ranks ({world})"
+            )
+        if self.on_cpu or world == 1:
+            return None, 0
+        rank = dist.get_rank()
+        kwargs.update(
+            distributed_executor_backend="external_launcher", tensor_parallel_size=tp, seed=rank // tp
+        )
+        if tp == 1:
+            return None, 0
+        group, _ = dist.new_subgroups_by_enumeration([list(range(i, i + tp)) for i in range(0, world, tp)])  # type: ignore[no-untyped-call]
+        return group, rank % tp
+
     # -- sampling -----------------------------------------------------------------------------------
 
     def _sampling_params(self, params: SamplingConfig, max_tokens: int, seed: int) -> Any:
@@ -475,6 +507,22 @@ class VLLMEngine:
         return contextlib.nullcontext()
 
     def generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
+        if self.tp_group is None:
+            return self._generate(samples, params)
+        # A tensor-parallel engine spans the group's ranks: they generate the union of their prompts
+        # together (same requests, the group leader's seed), then each keeps its own prompts' groups.
+        shares: list[Any] = [None] * self.cfg.tensor_parallel_size
+        torch.distributed.all_gather_object(shares, (list(samples), params.seed), group=self.tp_group)
+        union = [s for share, _ in shares for s in share]
+        start = sum(len(share) for share, _ in shares[: self._tp_rank])
+        index = {id(s): i for i, s in enumerate(union)}
+        groups = self._generate(union, dataclasses.replace(params, seed=shares[0][1]))
+        mine = [g for g in groups if start <= index[id(g.sample)] < start + len(samples)]
+        for g in mine:
+            g.sample = samples[index[id(g.sample)] - start]
+        return mine
+
+    def _generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
         if self._asleep:
             raise RuntimeError(
                 "rollout: generate() on a sleeping vLLM engine; call engine.sync_weights() first"
