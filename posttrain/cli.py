@@ -26,7 +26,7 @@ import yaml
 
 from posttrain.config import Recipe, parse_recipe
 from posttrain.errors import UserError
-from posttrain.preflight import preflight
+from posttrain.preflight import check_hardware, preflight
 from posttrain.schema import ConfigError, to_dict
 
 
@@ -151,7 +151,10 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_validate(args: argparse.Namespace, argv: list[str]) -> int:
     recipe_name, overrides = _split_recipe_arg(args.overrides)
     recipe = compose(recipe_name, overrides)
-    preflight(recipe)  # EP layout, model dirs, plugins, data files: everything that loads no model
+    # EP layout, model dirs, plugins, data files, hardware: everything that loads no model (hub ids are
+    # not looked up here, so a cluster recipe validates on a laptop)
+    print("\n".join(check_hardware(recipe)))  # first: what the recipe needs, even when a data file is missing
+    preflight(recipe, hub=False)
     print(yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip())
     print(
         f"recipe '{recipe_name}' is valid: {len(recipe.stages)} stage(s): {', '.join(f'{n} ({s.type})' for n, s in recipe.stages.items())}"

@@ -68,6 +68,9 @@ class ModelConfig:
     tokenizer: str | None = "char"  # "char" (the tiny world's), a path/hub id, or null = from name_or_path
     dtype: Literal["float32", "bfloat16"] = "float32"
     description: str = ""
+    # Total parameters in billions, for the hardware estimate of a hub model (``posttrain validate``
+    # reads no weights); a model built from arch + config is counted instead.
+    num_params_b: PosFloat | None = None
 
     def check(self, path: str) -> None:
         if self.name_or_path is None and self.arch is None:
@@ -88,6 +91,16 @@ class DeepSpeedConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     ep_size: PosInt = 1  # expert-parallel group size for MoE students (and frozen MoE teachers)
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    """What a recipe needs to run: ``posttrain validate`` prints it and refuses a recipe whose estimated
+    per-GPU memory does not fit (``posttrain.preflight.check_hardware``). 0 GPUs: any machine (CPU)."""
+
+    gpus: NonNegInt = 0  # GPUs in all (= launcher.nproc_per_node x launcher.nnodes)
+    gpu_memory_gib: NonNegFloat = 0.0  # per GPU
+    notes: str = ""
 
 
 @dataclass(frozen=True)
@@ -429,6 +442,7 @@ class Recipe:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     stages: dict[str, Any] = field(default_factory=dict)  # ordered: name -> stage config

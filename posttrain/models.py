@@ -42,7 +42,7 @@ def _config_class(arch: str) -> Any:
     }[arch]
 
 
-def _model_class(arch: str) -> Any:
+def model_class(arch: str) -> Any:
     import transformers
 
     return {
@@ -109,7 +109,7 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTr
         return load_model(cfg.name_or_path, cfg.dtype, key="model.name_or_path"), tokenizer
     conf = hf_config(cfg, tokenizer)
     torch.manual_seed(seed)
-    model = _model_class(cfg.arch or "llama")(conf).to(DTYPES[cfg.dtype])
+    model = model_class(cfg.arch or "llama")(conf).to(DTYPES[cfg.dtype])
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer

@@ -51,6 +51,7 @@ def _comparable(recipe: Recipe) -> dict[str, Any]:
     d = to_dict(recipe)
     d.pop("tracking", None)
     d.pop("launcher", None)
+    d.pop("hardware", None)
     d["run"].pop("overwrite", None)
     return d
 

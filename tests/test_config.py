@@ -112,3 +112,35 @@ def test_recipe_without_model_is_an_error(tmp_path):
 def test_unresolvable_interpolation_is_one_config_error():
     with pytest.raises(ConfigError, match=r"recipe 'quickstart': .*no_such_key"):
         compose("quickstart", ["run.name=${no_such_key}"])
+
+
+REAL_SCALE = ["llama3_8b_student", "qwen3_30b_a3b_student"]
+
+
+@pytest.mark.parametrize("name", REAL_SCALE)
+def test_real_scale_recipes_name_their_hardware_and_fit_it(name, tmp_path, capsys):
+    """Each real-scale recipe states its GPUs and passes the memory floor (posttrain.preflight); with
+    data files of the right columns (the recipe's own are the user's) it validates."""
+    sft, rl, held = tmp_path / "sft.jsonl", tmp_path / "rl.jsonl", tmp_path / "held.jsonl"
+    sft.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    for f in (rl, held):
+        f.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    overrides = [f"stages.sft.data.source={sft}", f"stages.rl.data.source={rl}", f"eval.data.source={held}",
+                 f"eval.data.eval_source={held}"]  # fmt: skip
+    assert main(["validate", f"recipe={name}", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "hardware: 8 GPUs x" in out and "fits:" in out
+
+
+def test_a_recipe_that_cannot_fit_its_gpus_is_refused():
+    with pytest.raises(ConfigError, match=r"do not fit its share of a 80 GiB GPU"):
+        from posttrain.preflight import check_hardware
+
+        check_hardware(compose("qwen3_30b_a3b_student", ["hardware.gpu_memory_gib=80"]))
+    with pytest.raises(ConfigError, match=r"hardware.gpus=8 but the launcher starts 4 ranks"):
+        check_hardware(compose("llama3_8b_student", ["launcher.nproc_per_node=4"]))
+    # Llama 4 Scout (109B) on one 8 x 80 GiB node: the training state alone is ~200 GiB per GPU
+    with pytest.raises(ConfigError, match=r"exceed a 80 GiB GPU|do not fit"):
+        check_hardware(
+            compose("llama3_8b_student", ["model=llama4_scout", "stages.rl.engine.tensor_parallel_size=8"])
+        )
