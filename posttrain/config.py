@@ -387,7 +387,7 @@ class RLConfig:
     # one of its own), so memory follows the tokens, not a sequence count.
     micro_batch_tokens: PosInt = 8192
     # Completion positions whose float32 log-softmax is computed at once (memory: this x vocabulary).
-    logprob_chunk_tokens: PosInt = 4096
+    logprob_chunk_tokens: PosInt = 1024
     eval_every: NonNegInt = 0  # held-out eval every N steps (0: only at the end of the stage)
     save_every: NonNegInt = 50
     log_samples_every: NonNegInt = 10  # rows appended to the rollout table every N steps

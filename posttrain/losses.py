@@ -43,7 +43,7 @@ def next_token_logprobs(logits: Tensor, input_ids: Tensor) -> tuple[Tensor, Tens
 
 
 def sft_loss(
-    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, chunk_tokens: int = 4096
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, chunk_tokens: int = 1024
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token negative log-likelihood of ``labels``; positions equal to ``ignore_index`` get 0.
 
@@ -130,15 +130,15 @@ def completion_logprobs(
     logits: Tensor,
     tokens: Tensor,
     temperature: float = 1.0,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int = 1024,
     entropy: bool = True,
     entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of ``tokens`` under ``softmax(logits / temperature)``, and that distribution's entropy.
 
     ``logits`` [B, S, V] (any dtype; only the positions that predict ``tokens`` [B, S], e.g. a
-    completion's) are read ``chunk_tokens`` positions at a time in float32, so the float32 work is
-    [chunk_tokens, V] at most, never [B, S, V]. With autograd on, each chunk is recomputed in the
+    completion's) are read whole rows at a time, about ``chunk_tokens`` positions (at least one row), in
+    float32, so the float32 work is [chunk_tokens, V] rather than [B, S, V], and no slice is copied. With autograd on, each chunk is recomputed in the
     backward pass (activation checkpointing) instead of keeping its float32 softmax, so memory grows
     with the completion tokens in the logits' own dtype only. Returns (log-probs [B, S] float32,
     entropy [B, S] float32 or None without ``entropy``; it carries a gradient only with ``entropy_grad``).
@@ -148,41 +148,45 @@ def completion_logprobs(
     """
     if temperature <= 0:
         raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
-    shape, vocab = tokens.shape, logits.shape[-1]
-    flat, targets = (
-        logits.reshape(-1, vocab),
-        tokens.reshape(-1).clamp_min(0).to(logits.device),
-    )  # [N, V], [N]
+    if logits.dim() == 2:  # [N, V]: one row of N positions
+        logits, tokens = logits.unsqueeze(0), tokens.unsqueeze(0)
+    rows = max(1, chunk_tokens // max(1, logits.shape[1]))  # whole rows per chunk: slicing copies nothing
+    targets = tokens.clamp_min(0).to(logits.device)  # [B, S]
     grad = torch.is_grad_enabled() and logits.requires_grad
     logps, ents = [], []
-    for start in range(0, flat.shape[0], chunk_tokens):
-        x, t = flat[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+    for b in range(0, logits.shape[0], rows):
+        x, t = logits[b : b + rows], targets[b : b + rows]  # [r, S, V] (a view), [r, S]
         if grad:
             lp = torch.utils.checkpoint.checkpoint(_chunk_logprobs, x, t, temperature, use_reentrant=False)
         else:
             lp = _chunk_logprobs(x, t, temperature)
-        with torch.set_grad_enabled(grad and entropy_grad):
-            ent = (
-                torch.utils.checkpoint.checkpoint(_chunk_entropy, x, temperature, use_reentrant=False)
-                if grad and entropy_grad
-                else _chunk_entropy(x.detach(), temperature)
-            )
         logps.append(lp)
-        ents.append(ent)
-    empty = logits.new_zeros(0, dtype=torch.promote_types(logits.dtype, torch.float32))
-    return (torch.cat(logps) if logps else empty).reshape(shape), (
-        torch.cat(ents) if ents else empty
-    ).reshape(shape)
+        if entropy and grad and entropy_grad:
+            ents.append(
+                torch.utils.checkpoint.checkpoint(_chunk_entropy, x, temperature, use_reentrant=False)
+            )
+        elif entropy:
+            with torch.no_grad():
+                ents.append(_chunk_entropy(x, temperature))
+    shape = tokens.shape
+    empty = logits.new_zeros(shape, dtype=torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.cat(logps) if logps else empty
+    return logp.reshape(shape), ((torch.cat(ents) if ents else empty).reshape(shape) if entropy else None)
+
+
+def _tempered(x: Tensor, temperature: float) -> Tensor:
+    z = x.to(torch.promote_types(x.dtype, torch.float32))  # [r, S, V]; no copy when already float32
+    return z if temperature == 1.0 else z / temperature
 
 
 def _chunk_logprobs(x: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature  # [n, V]
-    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # [n]
+    z = _tempered(x, temperature)  # [r, S, V]
+    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # [r, S]
 
 
 def _chunk_entropy(x: Tensor, temperature: float) -> Tensor:
-    z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature  # [n, V]
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # [n]
+    z = _tempered(x, temperature)  # [r, S, V]
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # [r, S]
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
