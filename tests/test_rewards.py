@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from posttrain import cli_rewards
-from posttrain.config import ConfigError, RewardsConfig, RewardSpec
+from posttrain.config import RewardsConfig, RewardSpec
 from posttrain.plugins import reward
 from posttrain.reward_runner import RewardRunner, bind_rewards
 from posttrain.sandbox import run_python
+from posttrain.schema import ConfigError
 from rewards.code_exec import code_exec, humaneval_solution
 from rewards.exact_match import exact_match
 from rewards.format import format_reward
@@ -323,7 +324,7 @@ import sys
 sys.modules["math_verify"] = None  # as if math-verify were not installed
 import rewards
 from posttrain.registry import REWARDS
-from posttrain.config import ConfigError, RewardsConfig, RewardSpec
+from posttrain.config import RewardsConfig, RewardSpec
 from posttrain.reward_runner import RewardRunner
 fn = REWARDS.get("math_verify")
 for attempt in (lambda: RewardRunner(RewardsConfig(specs=(RewardSpec("math_verify"),))),
@@ -351,7 +352,7 @@ def test_example_plugin_is_found_through_its_entry_point(tmp_path: Path) -> None
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr
     code = """
-from posttrain.config import ConfigError, RewardsConfig, RewardSpec
+from posttrain.config import RewardsConfig, RewardSpec
 from posttrain.reward_runner import RewardRunner
 from posttrain import cli_rewards
 print([row for row in cli_rewards.reward_table() if row[0] == "shout"])
