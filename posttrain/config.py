@@ -39,6 +39,9 @@ class RunConfig:
     dir: str = "runs"  # run dir = <dir>/<name>
     seed: int = 0
     overwrite: bool = False  # allow replacing a finished run's outputs
+    # A step whose loss or gradient is NaN/inf is skipped (weights, optimizer and lr untouched) and
+    # counted; this many in a row stop the run with one line naming the stage and step.
+    max_nonfinite_steps: PosInt = 3
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,43 @@ def lr_lambda(optim: OptimConfig, total_steps: int):  # type: ignore[no-untyped-
     return f
 
 
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips an update whose gradients hold a NaN or an infinity on any rank (or that the
+    loop poisoned for a non-finite loss): no weight and no optimizer state moves, and ``skipped`` says
+    so (``FiniteLambdaLR`` then holds the schedule). DeepSpeed calls ``step`` on every rank together at
+    the accumulation boundary (ZeRO 1-3 on each rank's partition), so the all-reduce of the flag is safe."""
+
+    def __init__(self, params: Any, device: torch.device, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.device = device
+        self.skipped = False
+        self.poisoned = False
+
+    def step(self, closure: Any = None) -> Any:
+        bad = self.poisoned or any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            for g in self.param_groups
+            for p in g["params"]
+        )
+        flag = torch.tensor([float(bad)], device=self.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.skipped = bool(flag.item() > 0)  # ZeRO 1-2 step once per param group: the poison lasts the boundary
+        if self.skipped:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+class FiniteLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """The lr schedule, held still on an update ``FiniteAdamW`` skipped (it counts real updates)."""
+
+    def step(self, epoch: Any = None) -> None:
+        if getattr(self.optimizer, "skipped", False):
+            return
+        super().step(epoch)
+
+
 class Strategy:
     def __init__(self, ds: DeepSpeedConfig, parallel: ParallelConfig | None = None, seed: int = 0):
         init_distributed()
@@ -95,6 +132,7 @@ class Strategy:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
         self._frozen: list[Any] = []  # DeepSpeed engines of frozen models, destroyed by close()
+        self.optimizer: Any = None  # the FiniteAdamW of setup()
 
     # ---------------------------------------------------------------------------------------------
     # set-up
@@ -109,6 +147,8 @@ class Strategy:
             "bf16": {"enabled": self.ds.bf16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
+            # FiniteAdamW is torch's AdamW plus the non-finite skip; DeepSpeed only knows the class by name
+            "zero_allow_untested_optimizer": True,
         }
         if self.ds.zero_stage == 3:
             # Small models: gather every parameter at once rather than in many tiny prefetches.
@@ -146,8 +186,9 @@ class Strategy:
         ]
         if self.ep is not None:
             groups = moe.moe_param_groups(groups)  # expert grads reduce over the expert-data-parallel group
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))  # type: ignore[arg-type]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
+        optimizer = FiniteAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), device=self.device)
+        scheduler = FiniteLambdaLR(optimizer, lr_lambda(optim, total_steps))
+        self.optimizer = optimizer
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
@@ -207,7 +248,10 @@ class Strategy:
 
     def step(self) -> None:
         """Call after every micro-batch: DeepSpeed updates at the accumulation boundary only."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
+        if boundary:
+            self.optimizer.poisoned = False
 
     def accumulation_boundary(self, is_last: bool) -> None:
         """For loops whose number of micro-batches varies from step to step (the RL update packs them by
@@ -218,6 +262,17 @@ class Strategy:
     @property
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def poison_step(self) -> None:
+        """Make the coming optimizer update a skipped one (the loop saw a non-finite loss)."""
+        self.optimizer.poisoned = True
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """True when the last optimizer update was skipped for a non-finite loss or gradient: the
+        weights, the AdamW state and the lr schedule are as they were before it."""
+        # ZeRO 1-3 find a non-finite gradient themselves and skip before our optimizer runs
+        return bool(self.optimizer.skipped) or not self.engine.was_step_applied()
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()

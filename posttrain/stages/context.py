@@ -11,6 +11,7 @@ A stage is one function ``run_<type>(ctx: StageContext) -> None`` that reads top
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from posttrain.config import Recipe
 from posttrain.data import load_rows
+from posttrain.errors import UserError
 from posttrain.evaluate import evaluate
 from posttrain.models import build_model, load_checkpoint
 from posttrain.strategy import Strategy
@@ -82,6 +84,42 @@ def maybe_eval(ctx: StageContext, tokenizer: Any, step: int) -> None:
         strategy=strategy, synced=strategy.model_is_sharded,
     )  # fmt: skip
     ctx.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+
+
+class NonFiniteSteps(UserError):
+    """A stage stopped after ``run.max_nonfinite_steps`` non-finite steps in a row."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite loss or gradient (``Strategy.last_step_skipped``)
+    and stops the stage after ``run.max_nonfinite_steps`` in a row, naming the last finite values."""
+
+    ctx: StageContext
+    total: int = 0
+    in_a_row: int = 0
+    last_finite: str = "none yet"
+
+    def after_step(self, step: int, loss: float, grad_norm: float | None) -> dict[str, float]:
+        """Call once per optimizer step, after it; returns ``train/nonfinite_*`` metrics."""
+        skipped = self.ctx.strategy.last_step_skipped or not math.isfinite(loss)
+        if not skipped:
+            self.in_a_row = 0
+            self.last_finite = f"loss {loss:.4g} at step {step}" + (
+                f", grad norm {grad_norm:.4g}" if grad_norm is not None else ""
+            )
+            return {"train/nonfinite_steps": float(self.total)}
+        self.total += 1
+        self.in_a_row += 1
+        limit = self.ctx.recipe.run.max_nonfinite_steps
+        if self.in_a_row >= limit:
+            raise NonFiniteSteps(
+                f"stage {self.ctx.name} ({self.ctx.cfg.type}): {limit} non-finite steps in a row, the last at step "
+                f"{step} (loss {loss}, grad norm {grad_norm}); last finite: {self.last_finite}; the weights are "
+                "those of that step (saved state untouched): lower optim.lr, check the data, or raise "
+                "run.max_nonfinite_steps"
+            )
+        return {"train/nonfinite_steps": float(self.total), "train/skipped_nonfinite": 1.0}
 
 
 def maybe_save(ctx: StageContext, step: int, client_state: Callable[[], dict[str, Any]]) -> None:

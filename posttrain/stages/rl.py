@@ -49,7 +49,7 @@ from posttrain.losses import aggregate, completion_logprobs, grpo_loss
 from posttrain.reward_runner import RewardRunner, merge_round_metrics
 from posttrain.rollout import RolloutEngine, make_engine
 from posttrain.schema import ConfigError
-from posttrain.stages.context import StageContext, maybe_eval, maybe_save, resume
+from posttrain.stages.context import NonFiniteGuard, StageContext, maybe_eval, maybe_save, resume
 from posttrain.strategy import FrozenModel, Strategy, write_hf_checkpoint
 from posttrain.types import RolloutGroup, Sample
 
@@ -83,6 +83,7 @@ def run_rl(ctx: StageContext) -> None:
         _start_engine(ctx, tokenizer, resumed=step > 0), RewardRunner(cfg.rewards), cfg, strategy, ctx.seed,
         {s.uid: s for s in samples},
     )  # fmt: skip
+    guard = NonFiniteGuard(ctx)
     if step == 0:
         tracker.log({"data/prompts": len(samples), "data/skipped_long_prompts": len(skipped)}, step=0)
 
@@ -107,6 +108,10 @@ def run_rl(ctx: StageContext) -> None:
         rollouts.engine.sleep()  # GPU: the engine's weights and KV cache leave the device while training runs
         update = policy_update(strategy, batch.kept, cfg, tokenizer.pad_token_id, reference)
         metrics |= update.metrics
+        if update.trained:  # a non-finite update was skipped; N in a row stop the stage
+            metrics |= guard.after_step(
+                step + 1, update.metrics["train/loss"], update.metrics.get("train/grad_norm")
+            )
         metrics["time/update_s"] = time.perf_counter() - t1
         metrics["train/tokens_per_s"] = update.model_tokens / metrics["time/update_s"]
         if update.trained or rollouts.engine.asleep:  # a slept engine discarded its weights: reload them
@@ -481,6 +486,8 @@ def policy_update(
                 entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
             )  # fmt: skip
             loss = aggregate(per_token, mask, denom)
+            if not math.isfinite(float(loss.detach())):
+                strategy.poison_step()  # this update is skipped (weights, optimizer, lr untouched)
             strategy.backward(loss)
             strategy.step()
             n_tok = float(mask.sum())

@@ -14,13 +14,15 @@ run continues at exactly the micro-batch where it stopped.
 
 Metrics per logged step: ``train/loss`` (token mean over the step), ``train/loss_tokens`` (tokens
 trained on, all ranks), ``train/tokens_per_s`` (tokens forwarded per second, padding excluded, all
-ranks), ``train/lr``, ``train/grad_norm``; ``codistill/*`` with a teacher; ``ep/*`` under expert
+ranks), ``train/lr``, ``train/grad_norm``, ``train/nonfinite_steps`` (steps skipped for a NaN/inf loss or
+gradient, whose update never happened); ``codistill/*`` with a teacher; ``ep/*`` under expert
 parallelism.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from typing import Any
 
@@ -31,7 +33,7 @@ from posttrain.config import SFTConfig, SupervisedLoopConfig
 from posttrain.data import Example, batch_layout, collate_rows, iterate_forever, load_rows, tokenize_sft
 from posttrain.losses import IGNORE_INDEX, aggregate, sft_loss, shift_for_next_token
 from posttrain.registry import DATA_FILTERS
-from posttrain.stages.context import StageContext, maybe_eval, maybe_save, resume
+from posttrain.stages.context import NonFiniteGuard, StageContext, maybe_eval, maybe_save, resume
 from posttrain.teacher import stage_max_len
 
 
@@ -68,6 +70,7 @@ def train_supervised(
     strategy.setup(model, cfg.optim, cfg.max_steps, cfg.micro_batch_size, cfg.grad_accum)
     step = int(resume(ctx, cfg.max_steps)["step"])
     per_step = cfg.grad_accum * strategy.world_size
+    guard = NonFiniteGuard(ctx)
     stream = iterate_forever(
         examples, cfg.micro_batch_size, ctx.seed, cfg.pack, cfg.seq_len, start=step * per_step,
         group_by_length=cfg.group_by_length,
@@ -101,9 +104,11 @@ def train_supervised(
             else:
                 per_token, aux = codistill.loss(logits, labels, batch, step, cfg.max_steps, layout)
             loss = aggregate(per_token, aux["mask"], denom)
+            if not math.isfinite(value := float(loss.detach())):
+                strategy.poison_step()  # the update this micro-batch belongs to is skipped
             strategy.backward(loss)
             strategy.step()
-            loss_sum += float(loss.detach())
+            loss_sum += value
         step += 1
 
         loss_value = strategy.all_reduce_sum(loss_sum)  # the step's token-mean loss
@@ -115,6 +120,7 @@ def train_supervised(
         }
         if (norm := strategy.grad_norm()) is not None:
             metrics["train/grad_norm"] = norm
+        metrics |= guard.after_step(step, loss_value, norm)  # a non-finite step was skipped; N in a row stop
         if codistill is not None:
             metrics |= codistill.step_metrics(strategy)
         if step % ctx.recipe.tracking.log_every == 0 or step == cfg.max_steps:
