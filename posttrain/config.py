@@ -174,6 +174,9 @@ class RewardSpec:
 class RewardsConfig:
     specs: tuple[RewardSpec, ...] = (RewardSpec(name="exact_match"),)
     strict: bool = False  # True: a failing reward stops the run; False: isolate, count, go on
+    # A reward that fails on every sample (raises, times out, NaN, wrong length) for this many RL steps in
+    # a row stops the run, naming it and its first error; partial failures are counted and the run goes on.
+    max_failed_steps: PosInt = 3
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from posttrain.config import RewardsConfig, RewardSpec
-from posttrain.errors import MissingDependencyError
+from posttrain.errors import MissingDependencyError, UserError
 from posttrain.plugins import RewardInfo, missing_requirements, reward_info
 from posttrain.registry import REWARDS, RegistryError
 from posttrain.types import RolloutGroup
@@ -123,10 +123,19 @@ def bind_rewards(cfg: RewardsConfig) -> list[_Bound]:
     return bound
 
 
+class RewardsFailing(UserError):
+    """A reward failed on every sample for ``rewards.max_failed_steps`` steps in a row."""
+
+
 class RewardRunner:
     def __init__(self, cfg: RewardsConfig):
         self.strict = cfg.strict
+        self.max_failed_steps = cfg.max_failed_steps
         self.rewards = bind_rewards(cfg)
+        # per reward label, since the last step_done(): [samples scored ok or None, samples failed], first error
+        self._tally: dict[str, list[int]] = {}
+        self._first_error: dict[str, str] = {}
+        self._streak: dict[str, int] = {}
         for r in self.rewards:
             if r.info.setup is not None:
                 r.info.setup(dict(r.spec.kwargs))
@@ -179,6 +188,12 @@ class RewardRunner:
                     f"rewards: column {key!r} has {len(col)} values for {n} samples; give one per sample"
                 )
         outcomes = [self._run_one(r, prompts, completions, columns) for r in self.rewards]
+        for o in outcomes:
+            tally = self._tally.setdefault(o.name, [0, 0])
+            for status, message in zip(o.status, o.messages, strict=True):
+                tally[status in FAILURES] += 1
+                if status in FAILURES and o.name not in self._first_error:
+                    self._first_error[o.name] = message or status
         totals: list[float | None] = []
         for i in range(n):
             if any(o.status[i] in FAILURES for o in outcomes):
@@ -187,6 +202,21 @@ class RewardRunner:
             parts = [o.weight * v for o in outcomes if (v := o.values[i]) is not None]
             totals.append(math.fsum(parts) if parts else None)
         return ScoreReport(totals, outcomes, _metrics(outcomes, totals))
+
+    def step_done(self) -> None:
+        """Close a training step: a reward that failed on every sample it saw in this step extends its
+        streak; ``max_failed_steps`` in a row raise ``RewardsFailing`` naming it and its first error."""
+        for name, (ok, failed) in self._tally.items():
+            self._streak[name] = self._streak.get(name, 0) + 1 if failed and not ok else 0
+            if self._streak[name] >= self.max_failed_steps:
+                raise RewardsFailing(
+                    f"reward {name!r} failed on every sample for {self._streak[name]} steps in a row "
+                    f"(first error: {self._first_error.get(name, '?')}); fix the reward or its kwargs, or "
+                    "raise rewards.max_failed_steps"
+                )
+        self._tally = {}
+        if not any(self._streak.values()):
+            self._first_error = {}
 
     # ----------------------------------------------------------------------------------------------
 

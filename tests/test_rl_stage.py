@@ -41,6 +41,12 @@ def rl_stage_test(
     return out
 
 
+@reward("rl_stage_broken")
+def rl_stage_broken(prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
+    """Fails on every sample, as a reward with a wrong path or a bug in its parser would."""
+    raise FileNotFoundError("/no/such/verifier")
+
+
 def _write_prompts(path: Path, caps: list[str], n_per_cap: int, long_rows: int = 0) -> None:
     rows = [
         {"prompt": f"{i}+{i}=", "answer": str(2 * i), "capability": cap}
@@ -191,6 +197,23 @@ def test_zero3_streams_the_weights_into_the_engine(tmp_path: Path) -> None:
     steps = [r for r in _rows(tmp_path / "runs" / "z3" / "rl", "metrics.jsonl") if r["step"] >= 1]
     assert [r["step"] for r in steps] == [1, 2] and steps[0]["train/grad_norm"] > 0
     assert steps[1]["train/rollout_logprob_diff"] < 1e-4
+
+
+def test_a_reward_failing_on_every_sample_stops_the_run_naming_it(tmp_path: Path) -> None:
+    """Three steps in a row (rewards.max_failed_steps) with every sample of a reward failing: one line
+    naming the reward and its first error, not a run that "succeeds" without a single update."""
+    from posttrain.reward_runner import RewardsFailing
+
+    data = tmp_path / "prompts.jsonl"
+    _write_prompts(data, ["parity"], n_per_cap=12)
+    recipe = _recipe(tmp_path, data, "broken", max_steps=5, log_samples_every=0,
+                     rewards={"specs": [{"name": "rl_stage_broken"}]})  # fmt: skip
+    with pytest.raises(RewardsFailing, match=r"reward 'rl_stage_broken' failed on every sample for 3 steps in a row "
+                       r"\(first error: FileNotFoundError: /no/such/verifier\)"):  # fmt: skip
+        run_pipeline(parse_recipe(recipe))
+    rows = _rows(tmp_path / "runs" / "broken" / "rl", "metrics.jsonl")
+    assert [r["step"] for r in rows if r["step"] >= 1] == [1, 2]  # stopped during step 3
+    assert all(r["train/skipped"] == 1.0 for r in rows if r["step"] >= 1)
 
 
 def test_capability_weights_must_name_capabilities_of_the_data(tmp_path: Path) -> None:

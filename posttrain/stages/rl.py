@@ -97,6 +97,7 @@ def run_rl(ctx: StageContext) -> None:
 
         t0 = time.perf_counter()
         batch = rollouts.collect(pool.trainable_by_capability() if pool else everything, sampler, step)
+        rollouts.runner.step_done()  # a reward failing on every sample for N steps in a row stops here
         if pool is not None:
             for uid, (n, c) in batch.outcomes.items():
                 pool.observe(uid, n, c, step)
