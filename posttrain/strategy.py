@@ -97,7 +97,8 @@ class FiniteAdamW(torch.optim.AdamW):
         flag = torch.tensor([float(bad)], device=self.device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.skipped = bool(flag.item() > 0)  # ZeRO 1-2 step once per param group: the poison lasts the boundary
+        # ZeRO 1-2 call step once per param group: the poison lasts the whole boundary (Strategy.step)
+        self.skipped = bool(flag.item() > 0)
         if self.skipped:
             self.zero_grad(set_to_none=True)
             return None

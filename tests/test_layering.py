@@ -85,12 +85,17 @@ COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "br
 def test_collectives_only_through_the_strategy() -> None:
     """A collective on a CPU tensor fails under NCCL ("No backend type associated with device type cpu"):
     every collective of the package goes through ``Strategy`` (which reduces on its training device) or
-    ``moe.ExpertParallel`` (on its layers' device). A raw ``torch.distributed.<collective>`` call
-    anywhere else fails this test."""
+    ``moe.ExpertParallel`` (on its layers' device), or is the rollout engine's gather of prompt objects
+    within its tensor-parallel group (an object collective: on the current CUDA device under NCCL). A
+    raw ``torch.distributed.<collective>`` call anywhere else fails this test."""
     offenders = []
     for pkg in PACKAGES:
         for path in sorted((REPO / pkg).rglob("*.py")):
-            if path.relative_to(REPO).as_posix() in ("posttrain/strategy.py", "posttrain/moe.py"):
+            if path.relative_to(REPO).as_posix() in (
+                "posttrain/strategy.py",
+                "posttrain/moe.py",
+                "posttrain/rollout.py",
+            ):
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES:
