@@ -19,6 +19,7 @@ import argparse
 import os
 import subprocess
 import sys
+import traceback
 from importlib.resources import files
 from pathlib import Path
 
@@ -186,7 +187,9 @@ def cmd_recipes(args: argparse.Namespace, argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="posttrain", description="Llama 4-style post-training: SFT, online RL, DPO, codistillation."
+        prog="posttrain",
+        description="Llama 4-style post-training: SFT, online RL, DPO, codistillation. "
+        "Add --debug (or POSTTRAIN_DEBUG=1) to any command to see the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in [
@@ -209,7 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one error boundary: bad input (``UserError``) is one line and exit 2; any other failure is one
+    line naming the exception and exit 1. ``--debug`` (or ``POSTTRAIN_DEBUG=1``) shows the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("POSTTRAIN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        os.environ["POSTTRAIN_DEBUG"] = "1"  # ranks re-launched under torchrun show theirs too
     args = build_parser().parse_args(argv)
     try:
         result = (
@@ -218,12 +227,26 @@ def main(argv: list[str] | None = None) -> int:
             else args.func(args)
         )
         return int(result or 0)
-    except UserError as e:
-        print(f"posttrain: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("posttrain: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        message = _one_line(e)
+        if isinstance(e, UserError):
+            print(f"posttrain: error: {message}", file=sys.stderr)
+            return 2
+        print(
+            f"posttrain: error: {type(e).__name__}: {message} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 600 else text[:600] + " …"
 
 
 if __name__ == "__main__":

@@ -450,7 +450,7 @@ class Recipe:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig | None = None  # the held-out set of the per-stage table; none: no evaluation
     stages: dict[str, Any] = field(default_factory=dict)  # ordered: name -> stage config
 
 

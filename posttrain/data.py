@@ -55,6 +55,7 @@ def load_rows(cfg: DataConfig, split: str, seed: int, required: Sequence[str]) -
             f"{where}: missing required column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)}); "
             "add them or rename columns"
         )
+    check_values(ds, where)
     return ds
 
 
@@ -63,6 +64,7 @@ def check_source(cfg: DataConfig, key: str, required: Sequence[str]) -> None:
     held_out = key.startswith("eval")  # the eval section reads eval_source, else source (as load_rows)
     source = (cfg.eval_source or cfg.source) if held_out else cfg.source
     ds, where = _load_source(source, "train" if held_out else cfg.split)
+    check_values(ds, f"{where} ({key})")
     for need in required:
         options = need.split("|")
         if not any(o in ds.column_names for o in options):
@@ -81,12 +83,19 @@ def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
                 f"{source}: dataset file not found; check data.source (relative paths are from the working dir)"
             )
         if path.is_dir():
-            return datasets.load_from_disk(str(path)), source
+            if not any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+                raise DataError(
+                    f"{source}: a dir, but not a dataset saved with save_to_disk; point data.source at one"
+                )
+            ds = _readable(lambda: datasets.load_from_disk(str(path)), source, "a save_to_disk dataset dir")
+            return _non_empty(ds, source), source
+        if path.stat().st_size == 0:
+            raise DataError(f"{source}: the file is empty; it needs one example per row")
         if suffix == ".jsonl":
             _check_jsonl(path)
-        return datasets.load_dataset(
-            FILE_FORMATS.get(suffix, "json"), data_files=str(path), split="train"
-        ), source
+        kind = FILE_FORMATS.get(suffix, "json")
+        ds = _readable(lambda: datasets.load_dataset(kind, data_files=str(path), split="train"), source, kind)
+        return _non_empty(ds, source), source
     try:
         return datasets.load_dataset(source, split=split), source
     except Exception as e:  # the hub's many failure types (not found, offline, bad split) become one line
@@ -95,6 +104,40 @@ def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
             f"{source}: no such local file or dir, and loading it as a hub dataset failed ({first}); "
             "check data.source (a .jsonl/.json/.parquet/.csv file, a save_to_disk dir or a hub dataset name)"
         ) from None
+
+
+def _readable(load: Any, source: str, kind: str) -> datasets.Dataset:
+    """``load()``, with a file that does not parse as ``kind`` (truncated parquet, ragged csv, …) as one line."""
+    try:
+        return load()
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow's and datasets' many parse errors
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DataError(f"{source}: cannot be read as {kind} ({first}); fix or replace the file") from None
+
+
+def _non_empty(ds: datasets.Dataset, source: str) -> datasets.Dataset:
+    if len(ds) == 0:
+        raise DataError(f"{source}: the dataset has no rows; it needs one example per row")
+    return ds
+
+
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
+
+
+def check_values(ds: datasets.Dataset, where: str, columns: Sequence[str] = TEXT_COLUMNS) -> None:
+    """Every value of the text columns present is a string (a number is taken as its text): a missing,
+    list or mapping value is a ``DataError`` naming the row and the column."""
+    for column in columns:
+        if column not in ds.column_names:
+            continue
+        for i, value in enumerate(ds[column]):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                kind = "empty (null)" if value is None else f"a {type(value).__name__}"
+                raise DataError(
+                    f"{where}: row {i + 1}, column '{column}' is {kind}; it must be text — fix the row or drop it"
+                )
 
 
 def _check_jsonl(path: Path) -> None:

@@ -120,7 +120,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     started = time.time()
 
-    if recipe.eval.include_base:
+    if recipe.eval is not None and recipe.eval.include_base:
         results["base"] = _evaluate_once(recipe, rd / "base", None, strategy_probe)
 
     input_dir: Path | None = None
@@ -180,6 +180,12 @@ def _evaluate_once(recipe: Recipe, sd: Path, checkpoint: Path | None, strategy: 
     """Held-out metrics of a checkpoint (None: the recipe's starting model), cached in <sd>/eval.json.
     Every rank loads it on its device and evaluates its share of the prompts (``evaluate``)."""
     out = sd / "eval.json"
+    if recipe.eval is None:  # no held-out set: nothing to measure (the table says so)
+        if strategy.is_main:
+            sd.mkdir(parents=True, exist_ok=True)
+            out.write_text("{}")
+        strategy.barrier()
+        return {}
     if not out.exists():
         if checkpoint is None:
             model, tok = build_model(recipe.model, seed=recipe.run.seed)
@@ -201,6 +207,8 @@ def _evaluate_once(recipe: Recipe, sd: Path, checkpoint: Path | None, strategy: 
 
 def format_table(results: dict[str, dict[str, float]], recipe: Recipe) -> str:
     """Held-out accuracy per stage: overall and per capability, greedy and sampled pass@1."""
+    if recipe.eval is None:
+        return f"{recipe.run.name}: finished {len(recipe.stages)} stage(s); no held-out table (add an eval: section)"
     caps = sorted({k.split("/")[0] for r in results.values() for k in r if "/" in k})
     modes = ["greedy", "sampled"] if recipe.eval.sampled else ["greedy"]
     header = (

@@ -81,6 +81,14 @@ def reward_info(fn: Callable[..., Any], name: str) -> RewardInfo:
     )
 
 
+def required_columns(fn: Callable[..., Any]) -> list[str]:
+    """The data columns a reward cannot do without: its parameters after ``prompts`` and ``completions``
+    that have no default (``exact_match``: ``answer``). ``**columns`` takes the rest, when present."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
 def first_line(doc: str | None) -> str:
     return inspect.cleandoc(doc).splitlines()[0] if doc and doc.strip() else ""
 

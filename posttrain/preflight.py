@@ -89,17 +89,38 @@ def check_plugins(recipe: Recipe) -> None:
 
 
 def check_data(recipe: Recipe) -> None:
-    """Every data file the recipe names: it exists, parses, and has the columns its reader needs."""
-    sources = [("eval.data", recipe.eval.data, ["prompt"])]
-    for name, cfg in recipe.stages.items():
-        if hasattr(cfg, "data"):
-            needs = ["prompt"] if cfg.type == "rl" else ["prompt", "completion|answer"]
-            sources.append((f"stages.{name}.data", cfg.data, needs))
-    for key, data, needs in sources:
-        if data.source != "tiny":
-            from posttrain.data import check_source
+    """Every data source the recipe names: a file exists, parses and has rows of text; every source,
+    the tiny world's too, has the columns its reader needs — the stage's, and those its rewards (or
+    the eval section's reward) take without a default."""
+    from posttrain.plugins import required_columns
+    from posttrain.registry import REWARDS
 
-            check_source(data, key, needs)
+    sources = []
+    if recipe.eval is not None:
+        needs = ["prompt", *required_columns(REWARDS.get(recipe.eval.reward))]
+        sources.append(("eval.data", recipe.eval.data, needs, f"the eval reward {recipe.eval.reward!r}"))
+    for name, cfg in recipe.stages.items():
+        if not hasattr(cfg, "data"):
+            continue
+        needs = ["prompt"] if cfg.type == "rl" else ["prompt", "completion|answer"]
+        for spec in getattr(getattr(cfg, "rewards", None), "specs", ()):
+            needs += [c for c in required_columns(REWARDS.get(spec.name)) if c not in spec.kwargs]
+        sources.append((f"stages.{name}.data", cfg.data, needs, f"stage {name!r} and its rewards"))
+    for key, data, needs, reader in sources:
+        if data.source == "tiny":
+            missing = [c for c in dict.fromkeys(needs) if not set(c.split("|")) & set(TINY_COLUMNS)]
+            if missing:
+                raise ConfigError(
+                    f"{key}: the tiny world has no column {', '.join(map(repr, missing))}, which {reader} reads "
+                    f"(it has {', '.join(TINY_COLUMNS)})"
+                )
+            continue
+        from posttrain.data import check_source
+
+        check_source(data, key, list(dict.fromkeys(needs)))
+
+
+TINY_COLUMNS = ("prompt", "answer", "completion", "capability", "difficulty")  # posttrain.tasks rows
 
 
 # --------------------------------------------------------------------------------------------------

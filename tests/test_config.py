@@ -123,8 +123,9 @@ def test_real_scale_recipes_name_their_hardware_and_fit_it(name, tmp_path, capsy
     data files of the right columns (the recipe's own are the user's) it validates."""
     sft, rl, held = tmp_path / "sft.jsonl", tmp_path / "rl.jsonl", tmp_path / "held.jsonl"
     sft.write_text('{"prompt": "1+1=", "completion": "2"}\n')
-    for f in (rl, held):
-        f.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    held.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    # the RL rewards' columns: math_verify reads answer, code_exec test and entry_point
+    rl.write_text('{"prompt": "1+1=", "answer": "2", "test": "", "entry_point": "f"}\n')
     overrides = [f"stages.sft.data.source={sft}", f"stages.rl.data.source={rl}", f"eval.data.source={held}",
                  f"eval.data.eval_source={held}"]  # fmt: skip
     assert main(["validate", f"recipe={name}", *overrides]) == 0

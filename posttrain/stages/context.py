@@ -55,6 +55,7 @@ class StageContext:
     def eval_set(self) -> Any:
         """The recipe's held-out rows (loaded once)."""
         if self._eval_rows is None:
+            assert self.recipe.eval is not None, "the recipe has no eval section"
             self._eval_rows = load_rows(self.recipe.eval.data, "eval", self.recipe.run.seed, ["prompt"])
         return self._eval_rows
 
@@ -76,7 +77,7 @@ def maybe_eval(ctx: StageContext, tokenizer: Any, step: int) -> None:
     its share of the prompts with the training model on its device (a collective: every rank calls
     it at the same steps; a sharded model generates in lockstep)."""
     every, last = int(getattr(ctx.cfg, "eval_every", 0)), int(ctx.cfg.max_steps)
-    if not every or step % every or step >= last:
+    if ctx.recipe.eval is None or not every or step % every or step >= last:
         return
     strategy = ctx.strategy
     metrics = evaluate(
