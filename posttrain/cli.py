@@ -89,8 +89,8 @@ def compose(recipe: str, overrides: list[str]) -> Recipe:
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             cfg = hydra_compose(config_name=name, overrides=hydra_overrides + extra)
-    except HydraException as e:
-        first = str(e).strip().splitlines()[0]
+    except (HydraException, yaml.YAMLError) as e:  # a bad override, or a recipe file that is not YAML
+        first = " ".join(str(e).split())[:400] or type(e).__name__
         raise ConfigError(f"recipe '{recipe}': {first}") from None
     try:
         data = OmegaConf.to_container(cfg, resolve=True)

@@ -117,7 +117,13 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTr
 
 def load_model(path: str, dtype: str = "float32", key: str = "checkpoint") -> PreTrainedModel:
     check_model_path(path, key)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except Exception as e:  # truncated or foreign weight files (safetensors, torch and OS errors alike)
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ConfigError(
+            f"{key}: '{path}' does not load as a Hugging Face causal LM ({first}); re-export it with save_pretrained"
+        ) from None
 
 
 def load_checkpoint(

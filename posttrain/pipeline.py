@@ -74,6 +74,12 @@ def _conflict(recipe: Recipe) -> str | None:
 
 def check_run_dir(recipe: Recipe) -> None:
     """Refuse to clobber a finished run, or resume a run of a different recipe, unless run.overwrite."""
+    rd = run_dir(recipe)
+    for path in (rd, *rd.parents):
+        if path.exists() and not path.is_dir():
+            raise PipelineError(
+                f"{path} is a file, not a directory; set run.dir (and run.name) to a directory path"
+            )
     why = _conflict(recipe)
     if why and not recipe.run.overwrite:
         raise PipelineError(

@@ -15,6 +15,7 @@ Nothing here imports torch at module level: ``validate`` stays fast (the data ch
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +53,22 @@ def check_model_path(source: str, key: str, hub: bool = True) -> None:
     """
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        config = path / "config.json"
+        if not config.is_file():
             raise ConfigError(
                 f"{key}: '{source}' has no config.json; point it at a saved HF model dir (save_pretrained)"
+            )
+        try:
+            json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"{key}: {config} is not valid JSON ({e}); re-export the model with save_pretrained"
+            ) from None
+        weights = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+        if not key.endswith("tokenizer") and not any(next(path.glob(p), None) for p in weights):
+            raise ConfigError(
+                f"{key}: '{source}' has a config.json but no weight files (*.safetensors, *.bin); "
+                "point it at a complete saved model dir"
             )
         return
     if source.startswith((".", "/", "~")) or source.count("/") > 1:

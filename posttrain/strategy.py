@@ -475,6 +475,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def shutdown() -> None:
-    """End the process group cleanly (avoids rare aborts at exit of multi-rank runs)."""
-    if torch.distributed.is_initialized():
+    """End the process group cleanly (avoids rare aborts at exit of multi-rank runs), through DeepSpeed so
+    that it also forgets its groups: a later run in the same process starts afresh."""
+    if not torch.distributed.is_initialized():
+        return
+    import deepspeed.comm.comm as ds_comm
+
+    if ds_comm.cdb is not None:
+        ds_comm.destroy_process_group()
+        ds_comm.cdb = None
+    else:
         torch.distributed.destroy_process_group()
