@@ -416,6 +416,62 @@ class RLConfig:
             )
 
 
+@dataclass(frozen=True)
+class DPOPairsConfig:
+    """Where a DPO stage's preference pairs come from.
+
+    ``dataset``: rows of ``data`` with ``prompt``, ``chosen``, ``rejected`` (plain text, or
+    conversational: ``prompt`` a list of messages, ``chosen``/``rejected`` assistant messages).
+    ``on_policy``: the hard prompts of ``data`` (pass rate in ``band``: from the previous RL stage's
+    final prompt pool when it trained on the same data, else measured with ``measure_samples``
+    completions each) are sampled ``n`` times with the current policy, scored by the stage's rewards,
+    and paired best against worst when their reward margin is at least ``min_margin``.
+    """
+
+    source: Literal["dataset", "on_policy"] = "on_policy"
+    n: Annotated[int, Range(ge=2)] = 8
+    min_margin: NonNegFloat = 0.5
+    band: tuple[Prob, ...] = (0.0, 0.75)  # pass-rate band of the prompts kept (hard: lower)
+    max_prompts: PosInt = 256  # hard prompts sampled for pairs
+    measure_samples: Annotated[int, Range(ge=2)] = (
+        8  # completions per prompt when pass rates are measured here
+    )
+    measure_prompts: PosInt = 1024  # prompts measured when there is no RL pool to read
+
+    def check(self, path: str) -> None:
+        if not (len(self.band) == 2 and self.band[0] <= self.band[1]):
+            raise ConfigError(
+                f"'{path}.band' must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(self.band)}"
+            )
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Lightweight DPO on hard prompts (``posttrain/stages/dpo.py``): pairs -> reference log-probs,
+    computed once through a frozen copy of the starting model and cached -> ``losses.dpo_loss``."""
+
+    type: Literal["dpo"] = "dpo"
+    data: DataConfig = field(default_factory=DataConfig)
+    pairs: DPOPairsConfig = field(default_factory=DPOPairsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # on-policy pairs
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    pass_threshold: float = 1.0  # a completion passes (pass rates) when its reward >= this
+    beta: PosFloat = 0.1
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "ipo_norm", "sigmoid_norm"] = "sigmoid"
+    label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0  # cDPO (sigmoid) / rDPO (robust)
+    rpo_alpha: NonNegFloat = 0.0  # > 0: + alpha x the chosen completion's NLL (RPO)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=5, schedule="constant", weight_decay=0.0)
+    )
+    max_steps: NonNegInt = 50
+    pairs_per_step: PosInt = 32  # pairs per optimizer update, all ranks
+    micro_batch_tokens: PosInt = 8192  # tokens (chosen + rejected, as padded) per forward/backward per rank
+    logprob_chunk_tokens: PosInt = 1024
+    eval_every: NonNegInt = 0
+    save_every: NonNegInt = 25
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage table and the whole recipe
 
@@ -437,6 +493,7 @@ STAGES: dict[str, StageType] = {
         "codistillation from a teacher (online or offline targets)",
     ),
     "rl": StageType(RLConfig, "posttrain.stages.rl:run_rl", "continuous online RL with vLLM rollouts"),
+    "dpo": StageType(DPOConfig, "posttrain.stages.dpo:run_dpo", "lightweight DPO on hard prompts"),
 }
 
 

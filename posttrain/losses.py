@@ -494,3 +494,79 @@ def codistill_loss(
         "teacher_label_agreement": mean(agree),
     }
     return per_token, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# DPO: preference pairs against a frozen reference
+#
+# With sequence log-probs (summed over the completion tokens) of the policy π and the reference π_ref,
+# the chosen and rejected log-ratios are ρ_c = log π(y_c|x) − log π_ref(y_c|x), ρ_r likewise, and
+# h = ρ_c − ρ_r. Per pair:
+#   sigmoid       −log σ(β h)                                   (Rafailov et al. 2023, DPO)
+#                 with label_smoothing ε: −(1 − ε) log σ(β h) − ε log σ(−β h)  (conservative DPO, cDPO)
+#   robust        (−(1 − ε) log σ(β h) + ε log σ(−β h)) / (1 − 2ε)           (Chowdhury et al. 2024, rDPO)
+#   hinge         max(0, 1 − β h)                               (SLiC)
+#   ipo           (h − 1/(2β))²  on the summed log-ratios      (Azar et al. 2023, Eq. 17 as written)
+#   ipo_norm      (h̄ − 1/(2β))²  with h̄ from log-ratios averaged over each completion's tokens (TRL's "ipo")
+#   sigmoid_norm  −log σ(β h̄)    length-normalised DPO (open-instruct's dpo_norm, TRL's sigmoid_norm)
+# The implicit rewards are β ρ_c and β ρ_r (β ρ̄ for the normalised types). An optional RPO term adds
+# α × the chosen completion's per-token NLL, which keeps the chosen log-prob from falling with the
+# rejected one.
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "ipo_norm", "sigmoid_norm")
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    rpo_alpha: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair DPO losses [P] and metrics, from summed sequence log-probs [P] of the policy and the
+    reference and the completion token counts [P] (used by the ``*_norm`` types and the RPO term).
+
+    Metrics (detached, [P] each): ``rewards_chosen``, ``rewards_rejected``, ``margin`` (their
+    difference), ``accuracy`` (margin > 0); ``logps_chosen``/``logps_rejected`` (the policy's).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    n_c, n_r = (
+        chosen_tokens.clamp_min(1).to(policy_chosen.dtype),
+        rejected_tokens.clamp_min(1).to(policy_chosen.dtype),
+    )
+    rho_c, rho_r = policy_chosen - ref_chosen, policy_rejected - ref_rejected  # [P]
+    if loss_type.endswith("_norm"):
+        rho_c, rho_r = rho_c / n_c, rho_r / n_r
+    h = rho_c - rho_r  # [P]
+    eps = label_smoothing
+    if loss_type in ("sigmoid", "sigmoid_norm"):
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:  # ipo, ipo_norm
+        losses = (h - 1 / (2 * beta)) ** 2
+    if rpo_alpha > 0:
+        losses = losses + rpo_alpha * (-policy_chosen / n_c)
+    rewards_c, rewards_r = (beta * rho_c).detach(), (beta * rho_r).detach()
+    metrics = {
+        "rewards_chosen": rewards_c,
+        "rewards_rejected": rewards_r,
+        "margin": rewards_c - rewards_r,
+        "accuracy": (rewards_c > rewards_r).to(rewards_c.dtype),
+        "logps_chosen": policy_chosen.detach(),
+        "logps_rejected": policy_rejected.detach(),
+    }
+    return losses, metrics

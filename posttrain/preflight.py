@@ -116,8 +116,11 @@ def check_data(recipe: Recipe) -> None:
     for name, cfg in recipe.stages.items():
         if not hasattr(cfg, "data"):
             continue
-        needs = ["prompt"] if cfg.type == "rl" else ["prompt", "completion|answer"]
-        for spec in getattr(getattr(cfg, "rewards", None), "specs", ()):
+        needs = {"rl": ["prompt"], "dpo": ["prompt"]}.get(cfg.type, ["prompt", "completion|answer"])
+        dataset_pairs = cfg.type == "dpo" and cfg.pairs.source == "dataset"
+        if dataset_pairs:
+            needs = ["prompt", "chosen", "rejected"]
+        for spec in () if dataset_pairs else getattr(getattr(cfg, "rewards", None), "specs", ()):
             needs += [c for c in required_columns(REWARDS.get(spec.name)) if c not in spec.kwargs]
         sources.append((f"stages.{name}.data", cfg.data, needs, f"stage {name!r} and its rewards"))
     for key, data, needs, reader in sources:

@@ -320,6 +320,21 @@ class Strategy:
         torch.distributed.all_gather_object(gathered, list(items))
         return [x for part in gathered for x in part]
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def release(self, frozen: FrozenModel) -> None:
+        """Free a frozen model that is no longer needed (its DeepSpeed engine too, under ZeRO-3)."""
+        if frozen.module in self._frozen:
+            self._frozen.remove(frozen.module)
+            frozen.module.destroy()
+        frozen.module = None
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
