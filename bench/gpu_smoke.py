@@ -77,15 +77,15 @@ def main() -> None:
         sys.exit(f"gpu_smoke: posttrain run exited with {code}")
     rows = {s: [json.loads(x) for x in (work / "runs" / "gpu_smoke" / s / "metrics.jsonl").read_text().splitlines()]
             for s in ("sft", "rl")}  # fmt: skip
-    sft = [r for r in rows["sft"] if "train/tokens_per_s" in r][2:]  # after warm-up
+    sft = [r for r in rows["sft"] if "perf/train_tokens_per_s" in r][2:]  # after warm-up
     rl = [r for r in rows["rl"] if r["step"] >= 2]
     params = 0.5e9
-    tok_s = sum(r["train/tokens_per_s"] for r in sft) / max(1, len(sft))
+    tok_s = sum(r["perf/train_tokens_per_s"] for r in sft) / max(1, len(sft))
     print(f"hardware: {args.nproc} x {name}; total {time.perf_counter() - t0:.0f} s")
     print(f"peak GPU memory (rank 0): {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     mfu = f"{6 * params * tok_s / (peak * 1e12):.1%}" if peak else "unknown (pass --peak-tflops)"
     print(f"SFT tokens/s: {tok_s:.0f}  MFU: {mfu}")
-    print(f"rollout tokens/s: {sum(r['rollout/tokens_per_s'] for r in rl) / max(1, len(rl)):.0f}")
+    print(f"rollout tokens/s: {sum(r['perf/rollout_tokens_per_s'] for r in rl) / max(1, len(rl)):.0f}")
     print(f"weight sync s: {sum(r.get('rollout/sync_seconds', 0.0) for r in rl) / max(1, len(rl)):.3f}")
 
 

@@ -300,18 +300,19 @@ class PromptPool:
 
     def metrics(self, step: int, bins: int = 5) -> dict[str, float]:
         """Counts per status and per capability, the band, and a histogram of known pass rates of
-        the trainable prompts (``pool/rate_hist/<lo>-<hi>``; unknown rates go to ``.../unknown``)."""
+        the trainable prompts (``curriculum/pool/rate_hist/<lo>-<hi>``; unknown rates go to ``.../unknown``)."""
         counts = Counter(st.status for st in self.stats.values())
         out: dict[str, float] = {
-            f"pool/{s}": float(counts.get(s, 0)) for s in ("new", "active", "easy", "backlog", "retired")
+            f"curriculum/pool/{s}": float(counts.get(s, 0))
+            for s in ("new", "active", "easy", "backlog", "retired")
         }
-        out["pool/trainable"] = out["pool/new"] + out["pool/active"]
-        out["pool/drawn"] = float(self._cursor)
-        out["pool/unused"] = float(len(self._order) - self._cursor)
+        out["curriculum/pool/trainable"] = out["curriculum/pool/new"] + out["curriculum/pool/active"]
+        out["curriculum/pool/drawn"] = float(self._cursor)
+        out["curriculum/pool/unused"] = float(len(self._order) - self._cursor)
         lo, hi = self.band_at(step)
-        out["pool/band_lo"], out["pool/band_hi"] = lo, hi
+        out["curriculum/pool/band_lo"], out["curriculum/pool/band_hi"] = lo, hi
         for cap, uids in sorted(self.trainable_by_capability().items()):
-            out[f"pool/trainable/{cap}"] = float(len(uids))
+            out[f"curriculum/pool/trainable/{cap}"] = float(len(uids))
         hist = [0] * bins
         unknown = 0
         for uid in self.uids(*TRAINABLE):
@@ -321,8 +322,8 @@ class PromptPool:
             else:
                 hist[min(int(rate * bins), bins - 1)] += 1
         for i, count in enumerate(hist):
-            out[f"pool/rate_hist/{i / bins:.1f}-{(i + 1) / bins:.1f}"] = float(count)
-        out["pool/rate_hist/unknown"] = float(unknown)
+            out[f"curriculum/pool/rate_hist/{i / bins:.1f}-{(i + 1) / bins:.1f}"] = float(count)
+        out["curriculum/pool/rate_hist/unknown"] = float(unknown)
         return out
 
     def state_dict(self) -> dict[str, Any]:

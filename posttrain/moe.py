@@ -215,9 +215,9 @@ class ExpertParallel:
     def metrics(self) -> dict[str, float]:
         """Load balance and all-to-all time since the last call (collective: every rank calls).
 
-        ``ep/L<i>/max_load`` is the busiest expert's share of layer i's routed tokens over the mean share
-        (1.0 = perfectly balanced, ``num_experts`` = everything on one expert); ``ep/L<i>/min_load`` the
-        idlest one's. ``ep/all_to_all_ms`` is this rank's time in dispatch/combine all-to-alls (forward and
+        ``moe/L<i>/max_load`` is the busiest expert's share of layer i's routed tokens over the mean share
+        (1.0 = perfectly balanced, ``num_experts`` = everything on one expert); ``moe/L<i>/min_load`` the
+        idlest one's. ``moe/all_to_all_ms`` is this rank's time in dispatch/combine all-to-alls (forward and
         backward), averaged over ranks.
         """
         counts = self.tokens_per_expert()  # [L, E], summed over ranks, reset
@@ -226,17 +226,17 @@ class ExpertParallel:
             total = float(row.sum())
             if total > 0:
                 mean = total / row.numel()
-                out[f"ep/L{i}/max_load"] = float(row.max()) / mean
-                out[f"ep/L{i}/min_load"] = float(row.min()) / mean
+                out[f"moe/L{i}/max_load"] = float(row.max()) / mean
+                out[f"moe/L{i}/min_load"] = float(row.min()) / mean
             for e, c in enumerate(row.tolist()):
-                out[f"ep/L{i}/tokens/e{e}"] = float(c)
-        out["ep/routed_tokens"] = float(counts.sum()) / max(
+                out[f"moe/L{i}/tokens/e{e}"] = float(c)
+        out["moe/routed_tokens"] = float(counts.sum()) / max(
             1, counts.shape[0]
         )  # token-expert assignments per layer
         # no dropped/overflow metric: the dispatch is dropless, every routed token reaches its expert
         a2a = torch.tensor([_a2a_elapsed_ms()], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(a2a)  # on the layers' device: NCCL takes no CPU tensors
-        out["ep/all_to_all_ms"] = float(a2a.cpu()) / torch.distributed.get_world_size()
+        out["moe/all_to_all_ms"] = float(a2a.cpu()) / torch.distributed.get_world_size()
         return out
 
     def tokens_per_expert(self, reset: bool = True) -> torch.Tensor:

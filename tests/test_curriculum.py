@@ -119,10 +119,10 @@ def test_backlog_is_rechecked_and_returns_when_the_policy_improves() -> None:
 
 def test_refill_tops_up_the_trainable_set_from_the_dataset() -> None:
     pool = PromptPool(_samples(RATES), CurriculumConfig(pool_size=6, band=(0.25, 0.75), retire_after=1))
-    assert len(pool.uids("new")) == 6 and pool.metrics(0)["pool/unused"] == 12
+    assert len(pool.uids("new")) == 6 and pool.metrics(0)["curriculum/pool/unused"] == 12
     pool.filter_pass(_stub_pass(pool, 8, step=0), step=0)
     assert len(pool.uids("new", "active")) == 6  # whatever left was replaced by fresh prompts
-    assert pool.metrics(0)["pool/drawn"] == 6 + len(pool.uids("new"))
+    assert pool.metrics(0)["curriculum/pool/drawn"] == 6 + len(pool.uids("new"))
 
 
 def test_band_moves_toward_harder_prompts_on_schedule() -> None:

@@ -101,9 +101,9 @@ def test_sft_stage_with_ep2_equals_one_process(zero: str, tmp_path: Path) -> Non
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
         # EP really on: both MoE layers route through it and count their tokens, the all-to-all is timed
-        assert {"ep/L0/max_load", "ep/L1/max_load", "ep/L1/tokens/e3"} <= set(a)
-        assert a["ep/all_to_all_ms"] > 0.0 and a["ep/L0/max_load"] >= 1.0
-        assert not any(k.startswith("ep/") for k in b)
+        assert {"moe/L0/max_load", "moe/L1/max_load", "moe/L1/tokens/e3"} <= set(a)
+        assert a["moe/all_to_all_ms"] > 0.0 and a["moe/L0/max_load"] >= 1.0
+        assert not any(k.startswith("moe/") for k in b)
     assert any("eval/greedy_pass@1" in r for r in ep)  # the periodic eval ran on the gathered experts
 
     w_ep = load_file(str(ep_dir / "runs/r/warmup/checkpoint/model.safetensors"))
@@ -170,7 +170,7 @@ def test_rl_stage_with_ep2_syncs_gathered_experts_to_vllm(tmp_path: Path) -> Non
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert r["rollout/groups_trained"] >= 1 and r["train/grad_norm"] > 0
-        assert {"ep/L0/max_load", "ep/L1/max_load"} <= set(r) and r["ep/all_to_all_ms"] > 0.0
+        assert {"moe/L0/max_load", "moe/L1/max_load"} <= set(r) and r["moe/all_to_all_ms"] > 0.0
     # step 2 sampled from the weights trained at step 1, gathered from both ranks into each rank's vLLM
     assert steps[1]["train/rollout_logprob_diff"] < 1e-4
     sd = tmp_path / "runs" / "r" / "rl"

@@ -294,15 +294,15 @@ def test_tokens_per_expert_match_the_routers_choices(ep_run: Path) -> None:
     for res in load(ep_run, "llama4_zero2"):
         assert torch.equal(res["tokens_per_expert"], expected)
         m = res["metrics"]  # the later steps' counts, all ranks: top-1, so every layer routes each token once
-        assert m["ep/all_to_all_ms"] > 0.0
+        assert m["moe/all_to_all_ms"] > 0.0
         for layer in range(expected.shape[0]):
-            tokens = [m[f"ep/L{layer}/tokens/e{e}"] for e in range(expected.shape[1])]
-            assert sum(tokens) == m["ep/routed_tokens"] > 0
+            tokens = [m[f"moe/L{layer}/tokens/e{e}"] for e in range(expected.shape[1])]
+            assert sum(tokens) == m["moe/routed_tokens"] > 0
             mean = sum(tokens) / len(tokens)
             assert (
-                m[f"ep/L{layer}/max_load"] == pytest.approx(max(tokens) / mean) and max(tokens) / mean >= 1.0
+                m[f"moe/L{layer}/max_load"] == pytest.approx(max(tokens) / mean) and max(tokens) / mean >= 1.0
             )
-            assert m[f"ep/L{layer}/min_load"] == pytest.approx(min(tokens) / mean)
+            assert m[f"moe/L{layer}/min_load"] == pytest.approx(min(tokens) / mean)
 
 
 @pytest.mark.multiproc

@@ -246,11 +246,11 @@ def test_resume_continues_the_curriculum_exactly(tmp_path: Path) -> None:
     assert second[2] == first[2]  # rows up to the saved step are kept, not recomputed
     a, b = first[3], second[3]
     for key in (
-        "pool/drawn",
-        "pool/trainable",
-        "pool/backlog",
-        "pool/retired",
-        "filter/checked",
+        "curriculum/pool/drawn",
+        "curriculum/pool/trainable",
+        "curriculum/pool/backlog",
+        "curriculum/pool/retired",
+        "curriculum/filter/checked",
         "total/rollouts_all",
         "rollout/groups",
         "reward/mean",

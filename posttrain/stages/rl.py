@@ -114,7 +114,7 @@ def run_rl(ctx: StageContext) -> None:
                 step + 1, update.metrics["train/loss"], update.metrics.get("train/grad_norm")
             )
         metrics["time/update_s"] = time.perf_counter() - t1
-        metrics["train/tokens_per_s"] = update.model_tokens / metrics["time/update_s"]
+        metrics["perf/train_tokens_per_s"] = update.model_tokens / metrics["time/update_s"]
         if update.trained or rollouts.engine.asleep:  # a slept engine discarded its weights: reload them
             rollouts.engine.sync_weights(strategy.hf_weights())  # streamed, one module at a time
             metrics["rollout/sync_seconds"] = rollouts.engine.metrics()["rollout/sync_seconds"]
@@ -325,7 +325,7 @@ class Rollouts:
             "completions",
         ):
             m[f"rollout/{k}"] = engine_stats.get(f"rollout/{k}", 0.0)
-        m["rollout/tokens_per_s"] = (
+        m["perf/rollout_tokens_per_s"] = (
             m["rollout/tokens"] / m["rollout/seconds"] if m["rollout/seconds"] > 0 else 0.0
         )
         m |= group_metrics(generated, cfg.pass_threshold, cfg.sampling.n)
@@ -353,10 +353,10 @@ class Rollouts:
         )
         results = {u: (int(n), int(c)) for u, (n, c) in zip(due, table, strict=True) if n > 0}
         report = pool.filter_pass(results, step, k=self.cfg.curriculum.pass_k)
-        out = {f"filter/{k}": v for k, v in report.pass_at.items()}
-        out |= {f"filter/to_{status}": float(n) for status, n in report.moved.items()}
-        out["filter/checked"] = float(report.checked)
-        out["filter/seconds"] = time.perf_counter() - t0
+        out = {f"curriculum/filter/{k}": v for k, v in report.pass_at.items()}
+        out |= {f"curriculum/filter/to_{status}": float(n) for status, n in report.moved.items()}
+        out["curriculum/filter/checked"] = float(report.checked)
+        out["curriculum/filter/seconds"] = time.perf_counter() - t0
         return FilterPass(out, sum(n for n, _ in results.values()))
 
     def _generate(

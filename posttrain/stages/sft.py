@@ -13,10 +13,10 @@ So one process with A = 2 and two processes with A = 1 see the same global batch
 run continues at exactly the micro-batch where it stopped.
 
 Metrics per logged step: ``train/loss`` (token mean over the step), ``train/loss_tokens`` (tokens
-trained on, all ranks), ``train/tokens_per_s`` (tokens forwarded per second, padding excluded, all
-ranks), ``train/lr``, ``train/grad_norm``, ``train/nonfinite_steps`` (steps skipped for a NaN/inf loss or
-gradient, whose update never happened); ``codistill/*`` with a teacher; ``ep/*`` under expert
-parallelism.
+trained on, all ranks), ``perf/train_tokens_per_s`` (tokens forwarded per second, padding excluded,
+all ranks), ``train/lr``, ``train/grad_norm``, ``train/nonfinite_steps`` (steps skipped for a NaN/inf loss or
+gradient, whose update never happened); ``codistill/*`` with a teacher; ``moe/*`` under expert
+parallelism (docs/metrics.md lists every name).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run_sft(ctx: StageContext) -> None:
         before = len(ds)
         ds = DATA_FILTERS.get(name)(ds)
         ctx.tracker.log(
-            {f"data_filter/{name}/kept": len(ds), f"data_filter/{name}/dropped": before - len(ds)}, step=0
+            {f"data/filter/{name}/kept": len(ds), f"data/filter/{name}/dropped": before - len(ds)}, step=0
         )
     examples = tokenize_sft(ds, tokenizer, stage_max_len(cfg), where=cfg.data.source)
     codistill = None
@@ -116,7 +116,7 @@ def train_supervised(
             "train/loss": loss_value,
             "train/loss_tokens": denom,
             "train/lr": strategy.lr,
-            "train/tokens_per_s": forwarded / (time.perf_counter() - t0),
+            "perf/train_tokens_per_s": forwarded / (time.perf_counter() - t0),
         }
         if (norm := strategy.grad_norm()) is not None:
             metrics["train/grad_norm"] = norm
