@@ -286,12 +286,90 @@ class SupervisedLoopConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """The model a judge filter runs, batched through the rollout engine (``posttrain/filters.py``)."""
+
+    model: str  # an HF checkpoint dir, or the name of an earlier stage of the recipe (its checkpoint)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # pass_rate: n completions per prompt; llm_rating reads next-token log-probs and samples only when
+    # the judge's tokenizer cannot give each rating one token
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(n=8, temperature=1.0, max_tokens=16)
+    )
+    batch_size: PosInt = 256  # prompts per engine call: the unit of the progress bar and of the cache's writes
+
+
+@dataclass(frozen=True)
+class DataFilterSpec:
+    """One difficulty judge of an SFT stage: a registry name, entry point or 'pkg.module:fn'. It scores
+    every row (difficulty in [0, 1], 1 = hardest); ``data_selection`` then picks the rows to keep.
+    Written as just its name when it needs nothing more (``data_filters: [completion_length]``)."""
+
+    __shorthand__ = "name"
+
+    name: str
+    weight: NonNegFloat = 1.0  # several filters: a row's difficulty is the weighted mean of their scores
+    judge: JudgeConfig | None = None  # filters that run a model need one (`posttrain filters` says which)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the filter's own options (checked by validate)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which rows an SFT stage keeps, from the difficulty its data filters gave them (posttrain/selection.py).
+
+    ``drop_easiest`` drops that share of the scored rows, easiest first, within each capability
+    (``per_capability``) or overall, or in ``proportions`` (the kept set's share per capability);
+    ``min_difficulty``/``max_difficulty`` keep the rows inside a band instead. Ties are broken by a
+    seeded hash of the row id. A capability the selection would empty keeps its hardest
+    ``min_capability_keep`` share; a selection that keeps no row at all is refused.
+    """
+
+    drop_easiest: Prob | None = None  # 0.5: Maverick-style; 0.95: Behemoth-style
+    min_difficulty: Prob | None = None
+    max_difficulty: Prob | None = None
+    per_capability: bool = True  # drop_easiest within each capability (each keeps the same share)
+    proportions: dict[str, Prob] = field(default_factory=dict)  # capability -> share of the kept rows
+    min_capability_keep: Prob = 0.05  # share of a capability's rows kept even when the selection drops them all
+    unscored: Literal["keep", "drop"] = "keep"  # rows no filter could score (unusable judge answers, too long)
+
+    def check(self, path: str) -> None:
+        band = self.min_difficulty is not None or self.max_difficulty is not None
+        if band and self.drop_easiest is not None:
+            raise ConfigError(
+                f"'{path}': set either drop_easiest or min_difficulty/max_difficulty, not both"
+            )
+        lo, hi = self.min_difficulty or 0.0, 1.0 if self.max_difficulty is None else self.max_difficulty
+        if lo > hi:
+            raise ConfigError(f"'{path}': min_difficulty {lo} is above max_difficulty {hi}")
+        if self.proportions:
+            if self.drop_easiest is None:
+                raise ConfigError(
+                    f"'{path}.proportions' shares out the rows drop_easiest keeps; set drop_easiest too"
+                )
+            if abs(sum(self.proportions.values()) - 1.0) > 1e-6:
+                raise ConfigError(
+                    f"'{path}.proportions' must sum to 1, got {sum(self.proportions.values()):g}"
+                )
+
+
+@dataclass(frozen=True)
 class SFTConfig(SupervisedLoopConfig):
     type: Literal["sft"] = "sft"
-    data_filters: tuple[str, ...] = ()  # names in the data-filter registry, applied in order
+    # difficulty judges run before tokenising (the LLM-judge filter of lightweight SFT): pass_rate,
+    # llm_rating, completion_length, random, or your own (`posttrain filters`)
+    data_filters: tuple[DataFilterSpec, ...] = ()
+    data_selection: SelectionConfig = field(default_factory=SelectionConfig)
+    # judgments on disk, keyed by judge fingerprint, settings and example hash; None: <run.dir>/judgment_cache,
+    # shared by every recipe whose run.dir is the same
+    judgment_cache: str | None = None
     codistill: CodistillConfig | None = None  # set: the loss becomes codistill_loss against this teacher
 
     def check(self, path: str) -> None:
+        names = [f.name for f in self.data_filters]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"'{path}.data_filters' lists a filter twice ({names}); list each once")
+        if self.data_filters and not any(f.weight > 0 for f in self.data_filters):
+            raise ConfigError(f"'{path}.data_filters': every weight is 0; give one filter a weight > 0")
         if self.codistill is not None and (
             self.codistill.targets is not None or self.codistill.teacher is None
         ):
@@ -465,6 +543,8 @@ class DPOConfig:
         default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=5, schedule="constant", weight_decay=0.0)
     )
     max_steps: NonNegInt = 50
+    # "lightweight": at most this many passes over the pairs (a stage with few pairs takes few steps)
+    epochs: PosFloat = 2.0
     pairs_per_step: PosInt = 32  # pairs per optimizer update, all ranks
     micro_batch_tokens: PosInt = 8192  # tokens (chosen + rejected, as padded) per forward/backward per rank
     logprob_chunk_tokens: PosInt = 1024

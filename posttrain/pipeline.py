@@ -220,12 +220,14 @@ def format_table(results: dict[str, dict[str, float]], recipe: Recipe) -> str:
     header = (
         ["stage", "type"]
         + [f"{m} pass@1" for m in modes]
+        + ["greedy len"]
         + [f"{c} ({'/'.join(m[0] for m in modes)})" for c in caps]
     )
     rows = []
     for name, r in results.items():
         kind = "-" if name == "base" else recipe.stages[name].type
         cells = [name, kind] + [f"{r.get(f'{m}_pass@1', float('nan')):.3f}" for m in modes]
+        cells += [f"{r.get('greedy_len', float('nan')):.2f}"]  # mean completion tokens, EOS included
         cells += ["/".join(f"{r.get(f'{c}/{m}_pass@1', float('nan')):.2f}" for m in modes) for c in caps]
         rows.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]

@@ -72,17 +72,15 @@ def run_dpo(ctx: StageContext) -> None:
 
     # ---- pairs (written once; a rerun reads them) -------------------------------------------
     pairs_path = ctx.stage_dir / PAIRS_FILE
-    if not pairs_path.exists():
-        pairs, counts = (
-            dataset_pairs(ctx, tokenizer)
-            if cfg.pairs.source == "dataset"
-            else on_policy_pairs(ctx, tokenizer)
-        )
+    key = pairs_key(ctx)
+    if _header(pairs_path) != json.loads(json.dumps(key)):  # none yet, or made from other data/settings
+        make = dataset_pairs if cfg.pairs.source == "dataset" else on_policy_pairs
+        pairs, counts = make(ctx, tokenizer)
         if strategy.is_main:
-            write_jsonl_atomic(pairs_path, [asdict(p) for p in pairs])
+            write_jsonl_atomic(pairs_path, [{"key": key}, *(asdict(p) for p in pairs)])
             tracker.log({f"dpo/{k}": float(v) for k, v in counts.items()}, step=0)
         strategy.barrier()
-    pairs = [Pair(**json.loads(line)) for line in pairs_path.read_text().splitlines() if line]
+    pairs = [Pair(**json.loads(line)) for line in pairs_path.read_text().splitlines()[1:] if line]
     if not pairs:
         raise DataError(
             f"stage {ctx.name}: no usable preference pair (see dpo/* counts in {ctx.stage_dir / 'metrics.jsonl'}); "
@@ -93,10 +91,11 @@ def run_dpo(ctx: StageContext) -> None:
     reference = reference_logps(ctx, pairs)
 
     # ---- training -----------------------------------------------------------------------------
-    strategy.setup(model, cfg.optim, cfg.max_steps, micro_batch_size=1)
-    step = int(resume(ctx, cfg.max_steps)["step"])
+    steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(pairs) / cfg.pairs_per_step))  # lightweight
+    strategy.setup(model, cfg.optim, steps, micro_batch_size=1)
+    step = int(resume(ctx, steps)["step"])
     guard = NonFiniteGuard(ctx)
-    while step < cfg.max_steps:
+    while step < steps:
         t0 = time.perf_counter()
         ids = step_pairs(len(pairs), cfg.pairs_per_step, step, ctx.seed)  # the step's pairs, all ranks
         mine = ids[strategy.rank :: strategy.world_size]
@@ -112,7 +111,7 @@ def run_dpo(ctx: StageContext) -> None:
         if (norm := strategy.grad_norm()) is not None:
             metrics["train/grad_norm"] = norm
         metrics |= guard.after_step(step, metrics["train/loss"], norm)
-        if step % ctx.recipe.tracking.log_every == 0 or step == cfg.max_steps:
+        if step % ctx.recipe.tracking.log_every == 0 or step == steps:
             tracker.log(metrics | strategy.ep_metrics(), step)
         tracker.advance({"loss": metrics["train/loss"], "margin": metrics["dpo/margin"]})
         maybe_eval(ctx, tokenizer, step)
@@ -198,6 +197,28 @@ def sequence_logps(
     return (lp * mask).sum(-1), mask.sum(-1), int(batch["attention_mask"].sum())
 
 
+def pairs_key(ctx: StageContext) -> dict[str, Any]:
+    """What the pairs depend on: the data (settings, and a file's size and modification time), the pair
+    settings, the seed and the starting checkpoint (on-policy pairs are its samples)."""
+    cfg: DPOConfig = ctx.cfg
+    source = Path(cfg.data.source)
+    stamp = [source.stat().st_size, source.stat().st_mtime_ns] if source.is_file() else None
+    return {
+        "data": to_dict(cfg.data), "file": stamp, "pairs": to_dict(cfg.pairs), "seed": ctx.seed,
+        "sampling": to_dict(cfg.sampling), "rewards": to_dict(cfg.rewards),
+        "start": str(ctx.input_dir) if ctx.input_dir is not None else to_dict(ctx.recipe.model),
+    }  # fmt: skip
+
+
+def _header(path: Path) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text().split("\n", 1)[0]).get("key")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Reference log-probs, cached
 
@@ -237,10 +258,13 @@ def reference_logps(ctx: StageContext, pairs: list[Pair]) -> list[tuple[float, f
     if strategy.is_main and path.exists() and not done and path.read_text().strip():
         path.unlink()  # written for another reference or other pairs: rebuilt, never reused
     done_n = int(strategy.all_reduce_max(len(done)))
+    ctx.tracker.log(
+        {"dpo/reference_cached": float(done_n), "dpo/reference_computed": float(len(pairs) - done_n)}, step=0
+    )
     if done_n < len(pairs):
         frozen = strategy.frozen(ctx.load_model()[0])
-        if strategy.is_main and not path.exists():
-            write_jsonl_atomic(path, [{"key": key}])
+        if strategy.is_main:  # a fresh file, or the valid part of a killed pass's (its torn tail dropped)
+            write_jsonl_atomic(path, [{"key": key}, *([i, c, r] for i, (c, r) in enumerate(done))])
         for start in range(done_n, len(pairs), REFERENCE_CHUNK):
             chunk = list(range(start, min(start + REFERENCE_CHUNK, len(pairs))))
             values = _reference_chunk(strategy, frozen, [pairs[i] for i in chunk], ctx.cfg)
@@ -471,7 +495,7 @@ def _pass_rates(
     return {s.uid: pass_at_k(int(n), int(c), 1) for s, (n, c) in zip(samples, table, strict=True) if n > 0}
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl_atomic(path: Path, rows: list[Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
