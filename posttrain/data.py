@@ -127,17 +127,23 @@ TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
 
 
 def check_values(ds: datasets.Dataset, where: str, columns: Sequence[str] = TEXT_COLUMNS) -> None:
-    """Every value of the text columns present is a string (a number is taken as its text): a missing,
-    list or mapping value is a ``DataError`` naming the row and the column."""
+    """Every value of the text columns present is a string (a number is taken as its text) or a list of
+    chat messages: a missing, list or mapping value is a ``DataError`` naming the row and the column."""
     for column in columns:
         if column not in ds.column_names:
             continue
         for i, value in enumerate(ds[column]):
+            if _is_messages(value):  # conversational rows (DPO pairs): a list of {"role", "content"}
+                continue
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 kind = "empty (null)" if value is None else f"a {type(value).__name__}"
                 raise DataError(
                     f"{where}: row {i + 1}, column '{column}' is {kind}; it must be text — fix the row or drop it"
                 )
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
 
 
 def _check_jsonl(path: Path) -> None:
