@@ -2,13 +2,18 @@
 
 One W&B run per stage (name ``<run>/<stage>``, group ``<run>``); its id is kept in the stage dir so a
 resumed stage continues the same W&B run. Only rank 0 logs. ``metrics.jsonl`` is cut back to the
-resumed step, so a crash and resume leave no duplicate rows.
+resumed step, so a crash and resume leave no duplicate rows. docs/metrics.md lists every metric.
+
+W&B also gets histograms that a row's scalars spell out (``wandb_histograms``): the curriculum pool's
+pass rates, the codistillation λ and each MoE layer's expert load, so their panels show the shape over
+time; metrics.jsonl keeps the scalars only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -96,7 +101,14 @@ class Tracker:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=step)
+            import wandb
+
+            scalars = {k: v for k, v in row.items() if k not in ("step", "time")}
+            hists = {
+                k: wandb.Histogram(np_histogram=(counts, edges))
+                for k, (counts, edges) in wandb_histograms(scalars).items()
+            }
+            self._wandb.log(scalars | hists, step=step)
 
     def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
         """Append rows to a W&B table that grows over the run (never overwritten) and to samples.jsonl."""
@@ -145,6 +157,43 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+_BIN = re.compile(r"^(?P<name>.+)/(?P<lo>\d+(?:\.\d+)?)-(?P<hi>\d+(?:\.\d+)?)$")
+_EXPERT = re.compile(r"^(?P<layer>moe/L\d+)/tokens/e(?P<e>\d+)$")
+
+
+def wandb_histograms(metrics: dict[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
+    """The histograms a row's scalars spell out, as ``{name: (counts, bin edges)}``:
+
+    - ``<name>/<lo>-<hi>`` bins that tile an interval (``curriculum/pool/rate_hist/0.0-0.2`` …,
+      ``codistill/lambda_hist/…``) -> ``<name>`` with those edges;
+    - ``moe/L<i>/tokens/e<j>`` -> ``moe/L<i>/load``: routed tokens per expert j (edges 0 … E).
+
+    >>> wandb_histograms({"a/0.5-1.0": 3, "a/0.0-0.5": 1, "a/unknown": 2, "moe/L0/tokens/e1": 5, "moe/L0/tokens/e0": 7})
+    {'a': ([1.0, 3.0], [0.0, 0.5, 1.0]), 'moe/L0/load': ([7.0, 5.0], [0.0, 1.0, 2.0])}
+    """
+    bins: dict[str, list[tuple[float, float, float]]] = {}
+    experts: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        if not isinstance(value, int | float):
+            continue
+        if m := _BIN.match(key):
+            bins.setdefault(m["name"], []).append((float(m["lo"]), float(m["hi"]), float(value)))
+        elif m := _EXPERT.match(key):
+            experts.setdefault(f"{m['layer']}/load", {})[int(m["e"])] = float(value)
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for name, parts in bins.items():
+        parts.sort()
+        if all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False)):  # contiguous: a histogram
+            out[name] = ([c for _, _, c in parts], [parts[0][0], *(hi for _, hi, _ in parts)])
+    for name, per_expert in experts.items():
+        if sorted(per_expert) == list(range(len(per_expert))):
+            out[name] = (
+                [per_expert[e] for e in range(len(per_expert))],
+                [float(e) for e in range(len(per_expert) + 1)],
+            )
+    return out
 
 
 def _plain(v: Any) -> Any:
