@@ -107,7 +107,7 @@ def run_dpo(ctx: StageContext) -> None:
         metrics: dict[str, Any] = {f"dpo/{k}": strategy.all_reduce_sum(v) / n for k, v in sums.items()}
         metrics["train/loss"] = metrics.pop("dpo/loss")
         metrics |= {"train/lr": strategy.lr, "train/pairs": n}
-        metrics["train/tokens_per_s"] = strategy.all_reduce_sum(tokens) / (time.perf_counter() - t0)
+        metrics["perf/train_tokens_per_s"] = strategy.all_reduce_sum(tokens) / (time.perf_counter() - t0)
         if (norm := strategy.grad_norm()) is not None:
             metrics["train/grad_norm"] = norm
         metrics |= guard.after_step(step, metrics["train/loss"], norm)
