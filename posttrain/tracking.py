@@ -84,15 +84,20 @@ class Tracker:
     # ---------------------------------------------------------------------------------------------
 
     def resume_at(self, step: int) -> None:
-        """Drop rows logged after ``step`` (they are recomputed after a resume)."""
+        """Drop rows logged after ``step`` (they are recomputed after a resume), and a torn last line
+        (a kill in the middle of a write); rewritten atomically."""
         if not self.enabled:
             return
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
                 kept = [
-                    ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step
+                    ln
+                    for ln in path.read_text().splitlines()
+                    if (row := _row(ln)) is not None and row.get("step", 0) <= step
                 ]
-                path.write_text("".join(ln + "\n" for ln in kept))
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                tmp.replace(path)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -203,3 +208,12 @@ def _plain(v: Any) -> Any:
     if hasattr(v, "tolist"):
         return v.tolist()
     return v
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl row, or None for a blank or torn line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
