@@ -296,7 +296,7 @@ class JudgeConfig:
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(n=8, temperature=1.0, max_tokens=16)
     )
-    batch_size: PosInt = 256  # prompts per engine call: the unit of the progress bar and of the cache's writes
+    batch_size: PosInt = 256  # prompts per engine call: the progress bar's and the cache's unit
 
 
 @dataclass(frozen=True)
@@ -329,15 +329,13 @@ class SelectionConfig:
     max_difficulty: Prob | None = None
     per_capability: bool = True  # drop_easiest within each capability (each keeps the same share)
     proportions: dict[str, Prob] = field(default_factory=dict)  # capability -> share of the kept rows
-    min_capability_keep: Prob = 0.05  # share of a capability's rows kept even when the selection drops them all
-    unscored: Literal["keep", "drop"] = "keep"  # rows no filter could score (unusable judge answers, too long)
+    min_capability_keep: Prob = 0.01  # share of a capability kept (its hardest) if selection drops it all
+    unscored: Literal["keep", "drop"] = "keep"  # rows no filter scored (unusable judge answers, too long)
 
     def check(self, path: str) -> None:
         band = self.min_difficulty is not None or self.max_difficulty is not None
         if band and self.drop_easiest is not None:
-            raise ConfigError(
-                f"'{path}': set either drop_easiest or min_difficulty/max_difficulty, not both"
-            )
+            raise ConfigError(f"'{path}': set either drop_easiest or min_difficulty/max_difficulty, not both")
         lo, hi = self.min_difficulty or 0.0, 1.0 if self.max_difficulty is None else self.max_difficulty
         if lo > hi:
             raise ConfigError(f"'{path}': min_difficulty {lo} is above max_difficulty {hi}")
@@ -432,6 +430,23 @@ class RLLossConfig:
     # Log the KL to the starting model when kl_coef is 0. Off by default: it keeps that frozen model
     # (sharded like the policy) and costs one more forward per micro-batch, for a metric.
     log_kl: bool = False
+    # Importance correction from the engine's behaviour log-probs to the trainer's proximal ones (the
+    # weights before this step's update; the clip is anchored there): off-policy samples (asynchronous
+    # rollouts) and engine/trainer numerics that differ (bf16, MoE routing) both need it. truncate:
+    # w = min(pi_prox / pi_behav, is_cap); mask: tokens with w outside [1/is_cap, is_cap] leave the loss.
+    is_correction: Literal["none", "truncate", "mask"] = "none"
+    is_cap: Annotated[float, Range(gt=1)] = 2.0
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """Asynchronous rollouts: the engine generates the next steps' first rounds while the trainer updates
+    (``posttrain/stages/rl.py``). ``max_staleness`` K bounds how many policy versions a trained sample
+    may lag: at most K steps are generated ahead (admission control), so staleness <= K by
+    construction; K = 0 is the synchronous loop."""
+
+    enabled: bool = False
+    max_staleness: NonNegInt = 1
 
 
 @dataclass(frozen=True)
@@ -459,6 +474,13 @@ class RLConfig:
     prompts_per_step: PosInt = 16  # informative groups per update
     filter_zero_advantage: bool = True  # drop groups whose rewards are all equal, and refill
     max_gen_batches: PosInt = 4  # generation rounds per step before training on what there is
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    # Completions cut at sampling.max_tokens (no EOS): trained on like any other (train), left out of
+    # the loss (mask), or their reward lowered linearly over the last overlong_buffer tokens down to
+    # -overlong_penalty at the limit (penalty; DAPO's soft overlong punishment). Counted either way.
+    truncated: Literal["train", "mask", "penalty"] = "train"
+    overlong_buffer: NonNegInt = 0
+    overlong_penalty: NonNegFloat = 1.0
     # the sampler's capability weights; default: data.tasks weights, else equal
     capability_weights: dict[str, NonNegFloat] = field(default_factory=dict)
     pass_threshold: float = 1.0  # a completion "passes" (pass@k, filter passes) when its reward >= this
@@ -486,6 +508,11 @@ class RLConfig:
             raise ConfigError(
                 f"'{path}.sampling.temperature' is 0 (greedy): every completion of a prompt is the same, so every "
                 "group is zero-advantage; RL samples at a temperature > 0 (1.0 is the usual choice)"
+            )
+        if self.truncated == "penalty" and not 0 < self.overlong_buffer <= self.sampling.max_tokens:
+            raise ConfigError(
+                f"'{path}.overlong_buffer' must be in [1, sampling.max_tokens={self.sampling.max_tokens}] for "
+                f"truncated: penalty, got {self.overlong_buffer}"
             )
         if self.sampling.top_p < 1:
             raise ConfigError(

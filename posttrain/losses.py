@@ -196,6 +196,47 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
 
 
+def importance_weights(
+    proximal: Tensor, behaviour: Tensor, mask: Tensor, mode: str = "truncate", cap: float = 2.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token importance weights w = π_prox / π_behav of the sampled tokens, for training on samples
+    a different policy generated: the rollout engine at an older weight version (asynchronous RL) or
+    with other kernels and precision (bf16 on GPU, MoE routing that flips).
+
+    ``proximal`` [B, T]: the trainer's log-probs of the current weights before this step's update
+    (the anchor of the PPO clip: decoupled PPO); ``behaviour`` [B, T]: the engine's log-probs at the
+    weights that sampled. ``mode``: ``truncate`` — w = min(w, cap) (truncated IS); ``mask`` — w = 1
+    inside [1/cap, cap] and 0 outside (the token leaves the loss; the denominator is unchanged);
+    ``none`` — w = 1. Returns (w [B, T], detached; 0 off the mask) and metrics over the mask:
+    ``is_weight_mean``, ``is_weight_max`` (of the raw ratio), ``is_ess`` (effective sample size
+    (Σw)² / (N Σw²) of the raw ratios, 1 = all equal), ``is_masked_frac`` (tokens truncated or masked).
+
+    >>> w, m = importance_weights(torch.tensor([[0.0, 0.0]]), torch.log(torch.tensor([[0.25, 1.0]])), torch.ones(1, 2, dtype=torch.bool))
+    >>> w.tolist(), round(float(m["is_weight_max"]), 6), round(float(m["is_masked_frac"]), 6)
+    ([[2.0, 1.0]], 4.0, 0.5)
+    """
+    raw = torch.exp((proximal - behaviour).detach().double())  # [B, T]
+    m = mask.bool()
+    count = m.sum().clamp_min(1)
+    if mode == "none":
+        w, out = torch.ones_like(raw), torch.zeros_like(m)
+    elif mode == "truncate":
+        w, out = raw.clamp(max=cap), raw > cap
+    elif mode == "mask":
+        out = (raw > cap) | (raw < 1.0 / cap)
+        w = torch.where(out, torch.zeros_like(raw), torch.ones_like(raw))
+    else:
+        raise ValueError(f"unknown importance correction {mode!r}; valid: none, truncate, mask")
+    r = torch.where(m, raw, torch.zeros_like(raw))
+    metrics = {
+        "is_weight_mean": r.sum() / count,
+        "is_weight_max": r.max(),
+        "is_ess": r.sum() ** 2 / (count * (r**2).sum()).clamp_min(1e-30),
+        "is_masked_frac": (out & m).sum() / count,
+    }
+    return (w * m).to(proximal.dtype), metrics
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -207,14 +248,19 @@ def grpo_loss(
     kl_coef: float = 0.0,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token RL loss = clipped policy gradient + ``kl_coef`` * k3 KL - ``entropy_coef`` * entropy.
+    """Per-token RL loss = w · clipped policy gradient + ``kl_coef`` * k3 KL - ``entropy_coef`` * entropy.
 
     ``ref_logprobs`` [B, T] is needed when ``kl_coef > 0``; ``entropy`` [B, T] (``entropy_from_logits``)
-    when ``entropy_coef > 0``. Returns (loss [B, T], metrics of the parts; ``kl_mean`` and
-    ``entropy_mean`` whenever their inputs are given, even with a zero coefficient).
+    when ``entropy_coef > 0``; ``is_weights`` [B, T] (``importance_weights``, detached) multiply the
+    policy-gradient term (decoupled PPO: the clip is anchored on ``old_logprobs``, the proximal
+    policy, and w corrects from the behaviour policy to it). Returns (loss [B, T], metrics of the
+    parts; ``kl_mean`` and ``entropy_mean`` whenever their inputs are given, even with a zero coefficient).
     """
     per_token, metrics = policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
     count = mask.sum().clamp_min(1)
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError(

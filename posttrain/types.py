@@ -40,6 +40,7 @@ class RolloutGroup:
     rewards: list[float] = field(default_factory=list)  # [n], filled by the reward step
     advantages: list[float] = field(default_factory=list)  # [n], filled by advantages.py
     zero_advantage: bool = False  # every scored reward equal (posttrain.advantages): no learning signal
+    policy_version: int = 0  # the weight version (syncs into the engine) that generated it
 
     @property
     def scored(self) -> int:

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from posttrain.advantages import group_advantages, rewards_tensor
+from posttrain.ahead import Ahead
 from posttrain.config import RLConfig
 from posttrain.curriculum import (
     POOL_FILE,
@@ -45,7 +47,7 @@ from posttrain.curriculum import (
     group_metrics,
 )
 from posttrain.data import collate_prompt_completion, load_prompt_samples, token_bins, write_json_atomic
-from posttrain.losses import aggregate, completion_logprobs, grpo_loss
+from posttrain.losses import aggregate, completion_logprobs, grpo_loss, importance_weights
 from posttrain.reward_runner import RewardRunner, merge_round_metrics
 from posttrain.rollout import RolloutEngine, make_engine
 from posttrain.schema import ConfigError
@@ -86,17 +88,29 @@ def run_rl(ctx: StageContext) -> None:
     guard = NonFiniteGuard(ctx)
     if step == 0:
         tracker.log({"data/prompts": len(samples), "data/skipped_long_prompts": len(skipped)}, step=0)
+    # asynchronous rollouts: the next steps' first rounds generate while the trainer updates (posttrain.ahead)
+    ahead = Ahead(cfg.asynchronous.max_staleness if cfg.asynchronous.enabled else 0, rollouts.generate_round)
+    for pending_step, uids in state.get("ahead", []):  # a kill lost their groups: regenerate them now
+        ahead.admit(int(pending_step), list(uids))
+
+    def filter_due(s: int) -> bool:
+        return (
+            pool is not None
+            and bool(cfg.curriculum.refilter_every)
+            and s % cfg.curriculum.refilter_every == 0
+        )
 
     # ---- loop ------------------------------------------------------------------------------
     while step < cfg.max_steps:
         metrics: dict[str, Any] = {}
-        if pool is not None and cfg.curriculum.refilter_every and step % cfg.curriculum.refilter_every == 0:
+        if filter_due(step):  # (no round is ever generated ahead across a filter pass)
             filtered = rollouts.filter_pass(pool, step)
             metrics |= filtered.metrics
             totals.filter_rollouts += filtered.rollouts
 
         t0 = time.perf_counter()
-        batch = rollouts.collect(pool.trainable_by_capability() if pool else everything, sampler, step)
+        first = ahead.take(step) if ahead.has(step) else None
+        batch = rollouts.collect(pool.trainable_by_capability() if pool else everything, sampler, step, first)
         rollouts.runner.step_done()  # a reward failing on every sample for N steps in a row stops here
         if pool is not None:
             for uid, (n, c) in batch.outcomes.items():
@@ -105,8 +119,20 @@ def run_rl(ctx: StageContext) -> None:
         metrics |= batch.metrics
         metrics["time/rollout_s"] = time.perf_counter() - t0
 
+        # admit the next steps' first rounds (at most max_staleness ahead, never across a filter pass)
+        while (
+            len(ahead) < ahead.depth
+            and (nxt := ahead.next_step(step)) < cfg.max_steps
+            and not filter_due(nxt)
+        ):
+            reserved = {u for _, uids in ahead.pending() for u in uids}
+            trainable = pool.trainable_by_capability() if pool else everything
+            ahead.admit(nxt, sampler.sample(trainable, cfg.prompts_per_step, exclude=reserved))
+        ahead.start()  # generates in the background while the update below runs
+
         t1 = time.perf_counter()
-        rollouts.engine.sleep()  # GPU: the engine's weights and KV cache leave the device while training runs
+        if not ahead.depth:  # GPU: the engine's weights and KV cache leave the device while training runs
+            rollouts.engine.sleep()
         update = policy_update(strategy, batch.kept, cfg, tokenizer.pad_token_id, reference)
         metrics |= update.metrics
         if update.trained:  # a non-finite update was skipped; N in a row stop the stage
@@ -115,8 +141,15 @@ def run_rl(ctx: StageContext) -> None:
             )
         metrics["time/update_s"] = time.perf_counter() - t1
         metrics["perf/train_tokens_per_s"] = update.model_tokens / metrics["time/update_s"]
+        if ahead.depth:  # the engine generates no more while its weights are replaced
+            waited, busy = ahead.wait(), ahead.busy_seconds
+            ahead.busy_seconds = 0.0
+            window = metrics["time/update_s"] + waited
+            metrics["perf/trainer_idle_frac"] = waited / max(time.perf_counter() - t0, 1e-9)
+            metrics["perf/engine_idle_frac"] = max(0.0, 1.0 - busy / max(window, 1e-9))
         if update.trained or rollouts.engine.asleep:  # a slept engine discarded its weights: reload them
             rollouts.engine.sync_weights(strategy.hf_weights())  # streamed, one module at a time
+            rollouts.version += 1
             metrics["rollout/sync_seconds"] = rollouts.engine.metrics()["rollout/sync_seconds"]
         if not update.trained:
             metrics["train/skipped"] = 1.0
@@ -133,7 +166,7 @@ def run_rl(ctx: StageContext) -> None:
         tracker.advance({"reward": metrics.get("reward/mean", float("nan")), "groups": batch.kept_global})
 
         maybe_eval(ctx, tokenizer, step)
-        maybe_save(ctx, step, lambda s=step: _client_state(s, totals, sampler, pool))
+        maybe_save(ctx, step, lambda s=step: _client_state(s, totals, sampler, pool, ahead))
 
     rollouts.engine.close()
     strategy.export_hf(ctx.checkpoint_dir, tokenizer)
@@ -142,13 +175,12 @@ def run_rl(ctx: StageContext) -> None:
 
 
 def _client_state(
-    step: int, totals: Totals, sampler: StratifiedSampler, pool: PromptPool | None
+    step: int, totals: Totals, sampler: StratifiedSampler, pool: PromptPool | None, ahead: Ahead
 ) -> dict[str, Any]:
     state: dict[str, Any] = {
-        "step": step,
-        "totals": dataclasses.asdict(totals),
-        "sampler": sampler.state_dict(),
-    }
+        "step": step, "totals": dataclasses.asdict(totals), "sampler": sampler.state_dict(),
+        "ahead": ahead.pending(),  # admitted rounds not trained yet: their prompts, regenerated on resume
+    }  # fmt: skip
     if pool is not None:
         state["pool"] = pool.state_dict()
     return state
@@ -239,6 +271,16 @@ class FilterPass:
 
 
 @dataclass
+class Round:
+    """One generation round: the prompts drawn (all ranks), this rank's scored groups, its counters."""
+
+    uids: list[str]
+    groups: list[RolloutGroup]
+    reward_metrics: dict[str, float]
+    engine_stats: dict[str, float]
+
+
+@dataclass
 class Rollouts:
     """What generating and scoring groups needs, bundled once for the stage: the engine, the rewards,
     the settings, the ranks, the seed and the prompts by uid."""
@@ -249,14 +291,22 @@ class Rollouts:
     strategy: Strategy
     seed: int
     by_uid: dict[str, Sample]
+    version: int = 0  # weight syncs into the engine so far: the policy version new samples come from
 
-    def collect(self, trainable: Mapping[str, list[str]], sampler: StratifiedSampler, step: int) -> StepBatch:
+    def collect(
+        self,
+        trainable: Mapping[str, list[str]],
+        sampler: StratifiedSampler,
+        step: int,
+        first: Round | None = None,
+    ) -> StepBatch:
         """Generate rounds of groups until ``prompts_per_step`` are informative (or ``max_gen_batches``).
 
-        ``trainable``: capability -> uids to draw from. Each round asks for the missing number of
-        prompts divided by the informative rate seen so far in this step (at least the missing number),
-        so one refill round usually suffices. Extra informative groups beyond ``prompts_per_step`` are
-        dropped in draw order.
+        ``trainable``: capability -> uids to draw from. ``first``: the step's first round, generated
+        ahead (asynchronous RL) — then the rounds after it are the refills. Each round asks for the
+        missing number of prompts divided by the informative rate seen so far in this step (at least
+        the missing number), so one refill round usually suffices. Extra informative groups beyond
+        ``prompts_per_step`` are dropped in draw order.
         """
         cfg, out = self.cfg, StepBatch()
         want = cfg.prompts_per_step
@@ -267,17 +317,19 @@ class Rollouts:
         rounds = n_informative = 0
         while out.kept_global < want and rounds < cfg.max_gen_batches:
             need = want - out.kept_global
-            rate = n_informative / len(out.outcomes) if out.outcomes else 1.0
-            uids = sampler.sample(trainable, max(need, math.ceil(need / max(rate, 0.1))), exclude=used)
-            if not uids:
-                break
+            if rounds == 0 and first is not None:
+                r = first
+            else:
+                rate = n_informative / len(out.outcomes) if out.outcomes else 1.0
+                uids = sampler.sample(trainable, max(need, math.ceil(need / max(rate, 0.1))), exclude=used)
+                if not uids:
+                    break
+                r = self.generate_round(step, uids, rounds + 1)
+            uids, groups = r.uids, r.groups
             used.update(uids)
             rounds += 1
-            groups, reward_metrics = self._generate(
-                uids, self.cfg.sampling, _seed(self.seed, step, rounds, self.strategy.rank)
-            )
-            reward_rounds.append(reward_metrics)
-            for k, v in self.engine.metrics().items():
+            reward_rounds.append(r.reward_metrics)
+            for k, v in r.engine_stats.items():
                 engine_stats[k] += v
             generated += groups
 
@@ -332,8 +384,24 @@ class Rollouts:
         m |= merge_round_metrics(reward_rounds)
         m |= {f"train/groups/{cap}": float(n) for cap, n in count_by(out.kept, "capability").items()}
         m |= {f"train/difficulty/{d}": float(n) for d, n in count_by(out.kept, "difficulty").items()}
+        staleness = [self.version - g.policy_version for g in out.kept]  # this rank's trained groups
+        if staleness:
+            m["rollout/staleness_mean"] = sum(staleness) / len(staleness)
+            m["rollout/staleness_max"] = float(max(staleness))
+            m |= {f"rollout/staleness/{k}": float(staleness.count(k)) for k in sorted(set(staleness))}
         out.metrics = m
         return out
+
+    def generate_round(self, step: int, uids: list[str], round_: int = 1) -> Round:
+        """One generation round of ``step`` (seeded by step, round and rank), scored, stamped with the
+        engine's weight version. Touches only this rank's engine and rewards: safe in the background
+        thread of asynchronous RL (no collective)."""
+        groups, reward_metrics = self._generate(
+            uids, self.cfg.sampling, _seed(self.seed, step, round_, self.strategy.rank)
+        )
+        for g in groups:
+            g.policy_version = self.version
+        return Round(uids, groups, reward_metrics, dict(self.engine.metrics()))
 
     def filter_pass(self, pool: PromptPool, step: int) -> FilterPass:
         """Sample ``curriculum.filter_samples`` completions of every due pool prompt with the current
@@ -366,7 +434,33 @@ class Rollouts:
         mine = [self.by_uid[u] for u in uids[self.strategy.rank :: self.strategy.world_size]]
         groups = self.engine.generate(mine, dataclasses.replace(params, seed=seed))
         loss = self.cfg.loss
-        return groups, self.runner.score_groups(groups, scale_by_std=loss.scale_by_std, eps=loss.adv_eps)
+        metrics = self.runner.score_groups(groups, scale_by_std=loss.scale_by_std, eps=loss.adv_eps)
+        if self.cfg.truncated == "penalty":
+            metrics["reward/overlong_penalized"] = float(overlong_penalty(groups, self.cfg))
+        return groups, metrics
+
+
+def overlong_penalty(groups: list[RolloutGroup], cfg: RLConfig) -> int:
+    """DAPO's soft overlong punishment: a completion longer than ``max_tokens - overlong_buffer`` tokens
+    loses ``overlong_penalty x (length - (max_tokens - buffer)) / buffer`` of reward (the whole penalty
+    at the limit); the groups' advantages and zero-advantage flags are recomputed. Returns how many
+    completions were penalised."""
+    limit, buffer = cfg.sampling.max_tokens, cfg.overlong_buffer
+    count = 0
+    for g in groups:
+        for i, c in enumerate(g.completions):
+            over = len(c.token_ids) - (limit - buffer)
+            if over > 0 and not math.isnan(g.rewards[i]):
+                g.rewards[i] -= cfg.overlong_penalty * min(over, buffer) / buffer
+                count += 1
+    if groups:
+        adv = group_advantages(
+            rewards_tensor([g.rewards for g in groups]), cfg.loss.scale_by_std, cfg.loss.adv_eps
+        )
+        for i, g in enumerate(groups):
+            g.advantages = adv.advantages[i].tolist()
+            g.zero_advantage = bool(adv.zero_advantage[i])
+    return count
 
 
 def _seed(seed: int, step: int, rnd: int, rank: int) -> int:
@@ -412,7 +506,7 @@ def policy_update(
         _Seq(g.prompt_ids, c.token_ids, a, c.logprobs)
         for g in groups
         for c, r, a in zip(g.completions, g.rewards, g.advantages, strict=True)
-        if not math.isnan(r) and c.token_ids
+        if not math.isnan(r) and c.token_ids and not (cfg.truncated == "mask" and c.finish_reason == "length")
     ]
     # The kept groups can sit on a few ranks (each generated its own share of the prompts): spread
     # the sequences evenly over the ranks. Same gradient.
@@ -480,8 +574,17 @@ def policy_update(
                 ref_logprobs = completion_logprobs(
                     ref_logits, batch["completion_ids"], temperature, chunk, entropy=False
                 )[0].to(logits.device)  # [B, C]
+            is_weights = None
+            if cfg.loss.is_correction != "none":  # behaviour (engine) -> proximal (trainer, pre-update)
+                behaviour = batch["sampling_logprobs"].to(logits.device)
+                is_weights, ism = importance_weights(
+                    old, behaviour, mask, cfg.loss.is_correction, cfg.loss.is_cap
+                )
+                for key in ("is_weight_mean", "is_ess", "is_masked_frac"):
+                    sums[key] += float(ism[key]) * float(mask.sum())
+                sums["is_weight_max"] = max(sums["is_weight_max"], float(ism["is_weight_max"]))
             per_token, m = grpo_loss(
-                logprobs, old, batch["advantages"].to(logits.device), mask,
+                logprobs, old, batch["advantages"].to(logits.device), mask, is_weights=is_weights,
                 clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
                 ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef,
                 entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
@@ -515,6 +618,14 @@ def policy_update(
         "train/rollout_logprob_diff": strategy.all_reduce_sum(sums["logprob_diff"])
         / max(strategy.all_reduce_sum(sums["logprob_tokens"]), 1.0),
     }
+    if cfg.loss.is_correction != "none":  # token-weighted means over all ranks; the max is this rank's
+        for key in ("is_weight_mean", "is_ess", "is_masked_frac"):
+            out[f"train/{key}"] = strategy.all_reduce_sum(sums[key]) / total
+        out["train/is_weight_max"] = sums["is_weight_max"]
+    if cfg.truncated == "mask":
+        out["train/truncated_masked"] = strategy.all_reduce_sum(
+            sum(1 for g in groups for c in g.completions if c.finish_reason == "length" and c.token_ids)
+        )
     if cfg.minibatches > 1:  # this rank's: 1 on-policy, > 1 once the later updates drift
         out["train/ratio_max"] = sums["ratio_max"]
     if reference is not None:
