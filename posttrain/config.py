@@ -402,9 +402,18 @@ class CurriculumConfig:
     pass_k: PosInt = 8  # the k of the logged pass@k (<= filter_samples)
     retire_after: PosInt = 2  # consecutive all-correct checks (filter pass or training group) to retire
     backlog_recheck_every: PosInt = 2  # a backlog prompt is re-checked every this many filter passes
+    # a prompt checked this many times in a row outside the band (easy or backlog) is abandoned: not
+    # re-checked again, so the easy and backlog sets stop growing the filter passes' cost
+    max_rechecks: PosInt = 4
+    retired_recheck: NonNegInt = 4  # retired prompts re-checked per filter pass (the oldest checks first)
+    # what the band is compared with: pass@1 (c/n of filter_samples) or the unbiased pass@k (k = pass_k)
+    band_metric: Literal["pass@1", "pass@k"] = "pass@1"
+    bands: dict[str, tuple[Prob, ...]] = field(default_factory=dict)  # per-capability [lo, hi] (fixed)
 
     def check(self, path: str) -> None:
-        for name, band in (("band", self.band), ("band_final", self.band_final)):
+        named = [("band", self.band), ("band_final", self.band_final)]
+        named += [(f"bands.{cap}", b) for cap, b in self.bands.items()]
+        for name, band in named:
             if band is not None and not (len(band) == 2 and band[0] <= band[1]):
                 raise ConfigError(
                     f"'{path}.{name}' must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(band)}"
@@ -474,6 +483,11 @@ class RLConfig:
     prompts_per_step: PosInt = 16  # informative groups per update
     filter_zero_advantage: bool = True  # drop groups whose rewards are all equal, and refill
     max_gen_batches: PosInt = 4  # generation rounds per step before training on what there is
+    # a refill round asks for the missing groups over the informative rate so far, at most this many
+    # times the missing number (a constant reward would otherwise ask for ~30x per step)
+    max_ask_ratio: Annotated[float, Range(ge=1)] = 4.0
+    # steps in a row without an informative group (no update) that stop the stage in one line
+    max_idle_steps: PosInt = 10
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
     # Completions cut at sampling.max_tokens (no EOS): trained on like any other (train), left out of
     # the loss (mask), or their reward lowered linearly over the last overlong_buffer tokens down to

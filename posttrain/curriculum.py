@@ -38,7 +38,8 @@ from posttrain.types import RolloutGroup, Sample
 
 POOL_FILE = "prompt_pool.json"  # an RL stage's final PromptPool.state_dict(), beside its checkpoint
 
-Status = Literal["new", "active", "easy", "backlog", "retired"]
+Status = Literal["new", "active", "easy", "backlog", "retired", "unscorable", "abandoned"]
+STATUSES: tuple[Status, ...] = ("new", "active", "easy", "backlog", "retired", "unscorable", "abandoned")
 TRAINABLE: tuple[Status, ...] = ("new", "active")
 
 
@@ -159,6 +160,7 @@ class PromptStats:
     train_correct: int = 0
     solved_streak: int = 0  # consecutive all-correct checks
     backlog_since_pass: int = 0  # filter-pass index at which it entered the backlog
+    outside: int = 0  # consecutive checks outside the band (easy or backlog): max_rechecks of them abandon it
 
 
 @dataclass
@@ -223,7 +225,8 @@ class PromptPool:
     # ---- evidence
 
     def due_for_check(self) -> list[str]:
-        """Prompts the next filter pass should sample: new, active, easy, and the backlog when due."""
+        """Prompts the next filter pass should sample: new, active, easy, the backlog when due, and up to
+        ``retired_recheck`` retired ones (in turn), in case the policy forgot them."""
         due = self.uids("new", "active", "easy")
         every = self.cfg.backlog_recheck_every
         due += [
@@ -231,18 +234,53 @@ class PromptPool:
             for u in self.uids("backlog")
             if (self.passes + 1 - self.stats[u].backlog_since_pass) % every == 0
         ]
-        return due
+        retired = sorted(self.uids("retired"), key=lambda u: (self.stats[u].last_check_step, u))
+        return due + retired[: self.cfg.retired_recheck]
 
     def _record(self, st: PromptStats, n: int, c: int) -> None:
         st.rate = c / n
         st.solved_streak = st.solved_streak + 1 if c == n else 0
 
+    def band_of(self, uid: str, step: int) -> tuple[float, float]:
+        """The band at ``step`` for this prompt's capability (``bands`` overrides the moving band)."""
+        band = self.cfg.bands.get(self.capability(uid))
+        return (band[0], band[1]) if band is not None else self.band_at(step)
+
+    def rate_of(self, n: int, c: int) -> float:
+        """The pass rate the band is compared with: pass@1 = c/n, or the unbiased pass@k (``band_metric``)."""
+        return c / n if self.cfg.band_metric == "pass@1" else pass_at_k(n, c, min(self.cfg.pass_k, n))
+
+    def _classify(self, uid: str, n: int, c: int, step: int) -> Status:
+        """The status rule of a check (filter pass, or the first training group of a new prompt):
+        retired if the all-correct streak reached ``retire_after``; active if the rate is inside the
+        band (and not 0 of n); else backlog (below, or 0 of n) or easy (above) — abandoned instead after
+        ``max_rechecks`` checks in a row outside the band."""
+        st = self.stats[uid]
+        lo, hi = self.band_of(uid, step)
+        rate = self.rate_of(n, c)
+        if st.solved_streak >= self.cfg.retire_after:
+            st.outside = 0
+            return "retired"
+        if c > 0 and lo <= rate <= hi:
+            st.outside = 0
+            return "active"
+        st.outside += 1
+        if st.outside >= self.cfg.max_rechecks:
+            return "abandoned"
+        return "backlog" if c == 0 or rate < lo else "easy"
+
+    def _move(self, st: PromptStats, new: Status) -> None:
+        if new == "backlog" and st.status != "backlog":
+            st.backlog_since_pass = self.passes
+        st.status = new
+
     def observe(self, uid: str, n: int, c: int, step: int) -> None:
         """A training group of prompt ``uid``: ``c`` of ``n`` completions correct.
 
-        Updates the statistics; all-correct groups count toward retirement (``retire_after``).
-        A prompt retired here leaves the trainable set; ``refill`` (called by ``filter_pass`` and
-        by the loop after observing) replaces it. Other status changes wait for the filter pass.
+        Updates the statistics; all-correct groups count toward retirement (``retire_after``). A *new*
+        prompt's first group is its admission check: the status rule applies at once, so a prompt
+        drawn between filter passes does not train until the next one before it is measured. A prompt
+        leaving the trainable set here is replaced by ``refill`` (called by the loop after observing).
         """
         if not 0 <= c <= n or n < 1:
             raise ValueError(f"observe({uid!r}): need 0 <= c <= n and n >= 1, got n={n}, c={c}")
@@ -251,21 +289,33 @@ class PromptPool:
         st.train_samples += n
         st.train_correct += c
         self._record(st, n, c)
-        if st.status in TRAINABLE and st.solved_streak >= self.cfg.retire_after:
+        if st.status == "new":
+            self._move(st, self._classify(uid, n, c, step))
+        elif st.status in TRAINABLE and st.solved_streak >= self.cfg.retire_after:
             st.status = "retired"
 
-    def filter_pass(
-        self, results: Mapping[str, tuple[int, int]], step: int, k: int | None = None
-    ) -> FilterReport:
-        """Apply one filter pass: ``results[uid] = (n, c)`` from the current policy, at training ``step``.
+    def observe_unscored(self, uid: str) -> None:
+        """A check of ``uid`` in which no completion could be scored (every reward None: no answer to
+        compare with, a verifier that fails on the reference). It never trains and is not re-checked."""
+        st = self.stats[uid]
+        if st.status != "unscorable":
+            st.status = "unscorable"
 
-        Status rule for each checked prompt, with rate = c / n and the band [lo, hi] at ``step``:
-        retired if its all-correct streak reached ``retire_after``; else active if lo <= rate <= hi;
-        else backlog if rate < lo or c == 0 (0 of n is never trainable); else easy. Then refills.
-        ``k`` (default: the smallest n) is the k of the logged pass@k.
-        """
+    def filter_pass(
+        self,
+        results: Mapping[str, tuple[int, int]],
+        step: int,
+        k: int | None = None,
+        unscored: Iterable[str] = (),
+    ) -> FilterReport:
+        """Apply one filter pass: ``results[uid] = (n, c)`` from the current policy, at training ``step``
+        (the status rule: ``_classify``); ``unscored``: checked prompts none of whose completions could
+        be scored (status unscorable). Then refills. ``k`` (default: the smallest n) is the k of the
+        logged pass@k."""
         lo, hi = self.band_at(step)
         self.passes += 1
+        for uid in unscored:
+            self.observe_unscored(uid)
         for uid, (n, c) in results.items():
             if uid not in self.stats:
                 raise KeyError(f"filter_pass: prompt {uid!r} is not in the pool (check due_for_check())")
@@ -275,18 +325,7 @@ class PromptPool:
             st.checks += 1
             st.last_n, st.last_c, st.last_check_step = n, c, step
             self._record(st, n, c)
-            rate = c / n
-            if st.solved_streak >= self.cfg.retire_after:
-                new: Status = "retired"
-            elif c > 0 and lo <= rate <= hi:
-                new = "active"
-            elif c == 0 or rate < lo:
-                new = "backlog"
-            else:
-                new = "easy"
-            if new == "backlog" and st.status != "backlog":
-                st.backlog_since_pass = self.passes
-            st.status = new
+            self._move(st, self._classify(uid, n, c, step))
         report = FilterReport(step=step, band=(lo, hi), checked=len(results))
         report.moved = dict(Counter(self.stats[u].status for u in results))
         if results:
@@ -302,10 +341,9 @@ class PromptPool:
         """Counts per status and per capability, the band, and a histogram of known pass rates of
         the trainable prompts (``curriculum/pool/rate_hist/<lo>-<hi>``; unknown rates go to ``.../unknown``)."""
         counts = Counter(st.status for st in self.stats.values())
-        out: dict[str, float] = {
-            f"curriculum/pool/{s}": float(counts.get(s, 0))
-            for s in ("new", "active", "easy", "backlog", "retired")
-        }
+        out: dict[str, float] = {f"curriculum/pool/{s}": float(counts.get(s, 0)) for s in STATUSES}
+        per_cap = Counter((self.capability(u), st.status) for u, st in self.stats.items())
+        out |= {f"curriculum/pool/{status}/{cap}": float(n) for (cap, status), n in sorted(per_cap.items())}
         out["curriculum/pool/trainable"] = out["curriculum/pool/new"] + out["curriculum/pool/active"]
         out["curriculum/pool/drawn"] = float(self._cursor)
         out["curriculum/pool/unused"] = float(len(self._order) - self._cursor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -222,3 +223,77 @@ def test_stratified_gives_slots_of_a_short_capability_to_the_others() -> None:
     assert Counter(u[:3] for u in batch) == {"add": 14, "mul": 2}
     excluded = sampler.sample(_by_cap({"add": 30, "mul": 2}), 16, exclude=["mul0", "mul1"])
     assert all(u.startswith("add") for u in excluded) and len(excluded) == 16
+
+
+# --------------------------------------------------------------------------------------------------
+# The curriculum's rules for prompts that would otherwise linger
+
+
+def test_unscorable_prompts_get_a_status_and_never_train() -> None:
+    pool = PromptPool(_samples([0.5, 0.5]), CurriculumConfig(pool_size=10))
+    pool.filter_pass({"add0": (8, 4)}, step=0, unscored=["add1"])
+    assert pool.stats["add1"].status == "unscorable"
+    assert "add1" not in [u for v in pool.trainable_by_capability().values() for u in v]
+    assert "add1" not in pool.due_for_check() and pool.metrics(0)["curriculum/pool/unscorable"] == 1
+    pool.observe_unscored("add0")  # a training group whose completions all scored None
+    assert pool.stats["add0"].status == "unscorable"
+
+
+def test_a_new_prompts_first_training_group_is_its_check() -> None:
+    """band [0.25, 0.75]: a new prompt trained once at 8/8 is easy (above) at once, at 0/8 backlog, at
+    4/8 active — it does not train on until the next filter pass decides."""
+    pool = PromptPool(
+        _samples([0.0, 0.5, 1.0]), CurriculumConfig(pool_size=10, band=(0.25, 0.75), retire_after=3)
+    )
+    for uid, c in (("add0", 0), ("add1", 4), ("add2", 8)):
+        assert pool.stats[uid].status == "new"
+        pool.observe(uid, 8, c, step=1)
+    assert [pool.stats[u].status for u in ("add0", "add1", "add2")] == ["backlog", "active", "easy"]
+
+
+def test_prompts_outside_the_band_are_abandoned_after_max_rechecks() -> None:
+    pool = PromptPool(
+        _samples([1.0]), CurriculumConfig(pool_size=10, band=(0.0, 0.5), max_rechecks=3, retire_after=99)
+    )
+    for step in range(3):
+        assert "add0" in pool.due_for_check()
+        pool.filter_pass({"add0": (8, 7)}, step=step)
+    assert pool.stats["add0"].status == "abandoned" and "add0" not in pool.due_for_check()
+
+
+def test_retired_prompts_are_rechecked_a_few_at_a_time() -> None:
+    pool = PromptPool(_samples([1.0] * 6), CurriculumConfig(pool_size=6, retire_after=1, retired_recheck=2))
+    pool.filter_pass({f"add{i}": (8, 8) for i in range(6)}, step=0)
+    assert all(pool.stats[f"add{i}"].status == "retired" for i in range(6))
+    due = [u for u in pool.due_for_check() if pool.stats[u].status == "retired"]
+    assert len(due) == 2
+    pool.filter_pass({due[0]: (8, 5), due[1]: (8, 8)}, step=1)  # the policy forgot one of them
+    assert pool.stats[due[0]].status == "active" and pool.stats[due[1]].status == "retired"
+    later = [u for u in pool.due_for_check() if pool.stats[u].status == "retired"]
+    assert due[1] not in later  # the ones checked longest ago come first
+
+
+def test_the_band_metric_is_explicit_and_bands_can_be_per_capability() -> None:
+    """1 of 8 correct: pass@1 = 0.125, pass@4 = 1 - C(7,4)/C(8,4) = 1 - 35/70 = 0.5. Band [0.4, 1]."""
+    samples = _samples([0.125], "add") + _samples([0.125], "mul")
+    cfg = CurriculumConfig(pool_size=10, band=(0.4, 1.0), pass_k=4, retire_after=9)
+    by_pass1 = PromptPool(samples, cfg)
+    by_passk = PromptPool(samples, dataclasses.replace(cfg, band_metric="pass@k"))
+    per_cap = PromptPool(samples, dataclasses.replace(cfg, bands={"mul": (0.1, 0.2)}))
+    for p in (by_pass1, by_passk, per_cap):
+        p.filter_pass({"add0": (8, 1), "mul0": (8, 1)}, step=0)
+    assert by_pass1.stats["add0"].status == "backlog" and by_passk.stats["add0"].status == "active"
+    assert per_cap.stats["add0"].status == "backlog" and per_cap.stats["mul0"].status == "active"
+    assert per_cap.metrics(0)["curriculum/pool/active/mul"] == 1
+
+
+def test_kept_groups_follow_the_capability_quotas() -> None:
+    """Informative groups come mostly from the easy capability (the hard one is often all-wrong); the
+    kept set still takes the sampler's shares (2:1 here), not the draw order's."""
+    from posttrain.stages.rl import _by_quota
+
+    by_uid = {f"a{i}": Sample("x", {"capability": "add"}, f"a{i}") for i in range(10)}
+    by_uid |= {f"m{i}": Sample("x", {"capability": "mul"}, f"m{i}") for i in range(10)}
+    informative = [f"m{i}" for i in range(6)] + [f"a{i}" for i in range(6)]
+    kept = _by_quota(informative, 6, StratifiedSampler({"add": 2.0, "mul": 1.0}, seed=0), by_uid)
+    assert sorted(kept) == ["a0", "a1", "a2", "a3", "m0", "m1"]

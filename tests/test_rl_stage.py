@@ -216,6 +216,22 @@ def test_a_reward_failing_on_every_sample_stops_the_run_naming_it(tmp_path: Path
     assert all(r["train/skipped"] == 1.0 for r in rows if r["step"] >= 1)
 
 
+def test_a_run_that_stops_updating_stops_in_one_line_and_asks_are_capped(tmp_path: Path) -> None:
+    """A constant reward: every group is zero-advantage. A refill round asks for at most
+    max_ask_ratio (4) x the missing groups (4 + 16 = 20 groups per step, not ~30x), and after
+    max_idle_steps steps without an update the stage stops with one line instead of spinning."""
+    from posttrain.stages.rl import StageStalled
+
+    data = tmp_path / "prompts.jsonl"
+    _write_prompts(data, ["const"], n_per_cap=60)
+    recipe = parse_recipe(_recipe(tmp_path, data, "idle", max_steps=6, max_idle_steps=2, log_samples_every=0))
+    with pytest.raises(StageStalled, match=r"stage rl \(rl\): 2 steps in a row without an informative group"):
+        run_pipeline(recipe)
+    rows = [r for r in _rows(tmp_path / "runs" / "idle" / "rl", "metrics.jsonl") if r["step"] >= 1]
+    assert [r["step"] for r in rows] == [1]  # the second idle step raised before logging
+    assert rows[0]["rollout/groups"] == 20 and rows[0]["rollout/gen_batches"] == 2
+
+
 def test_capability_weights_must_name_capabilities_of_the_data(tmp_path: Path) -> None:
     data = tmp_path / "prompts.jsonl"
     _write_prompts(data, ["parity", "const"], n_per_cap=4)

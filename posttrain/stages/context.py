@@ -37,6 +37,17 @@ class StageContext:
     tracker: Tracker
     seed: int
     _eval_rows: Any = field(default=None, repr=False)
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def closing(self, resource: Any) -> Any:
+        """``resource`` (e.g. a rollout engine), whose ``close()`` the pipeline calls when the stage ends
+        — normally or by an error — so a failed stage leaves no engine behind in the process."""
+        self._closers.append(resource.close)
+        return resource
+
+    def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
 
     @property
     def checkpoint_dir(self) -> Path:

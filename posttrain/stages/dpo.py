@@ -452,13 +452,8 @@ def _engine(ctx: StageContext, tokenizer: Any) -> Any:
             write_hf_checkpoint(model, model.state_dict(), tokenizer, Path(source))
         ctx.strategy.barrier()
     cfg: DPOConfig = ctx.cfg
-    return make_engine(
-        cfg.engine.kind,
-        source,
-        tokenizer,
-        cfg.engine,
-        work_dir=ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}",
-    )
+    work_dir = ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}"
+    return ctx.closing(make_engine(cfg.engine.kind, source, tokenizer, cfg.engine, work_dir=work_dir))
 
 
 def _hard_from_pool(ctx: StageContext, by_uid: dict[str, Sample]) -> list[str] | None:

@@ -47,6 +47,7 @@ from posttrain.curriculum import (
     group_metrics,
 )
 from posttrain.data import collate_prompt_completion, load_prompt_samples, token_bins, write_json_atomic
+from posttrain.errors import UserError
 from posttrain.losses import aggregate, completion_logprobs, grpo_loss, importance_weights
 from posttrain.reward_runner import RewardRunner, merge_round_metrics
 from posttrain.rollout import RolloutEngine, make_engine
@@ -86,6 +87,7 @@ def run_rl(ctx: StageContext) -> None:
         {s.uid: s for s in samples},
     )  # fmt: skip
     guard = NonFiniteGuard(ctx)
+    idle = 0  # steps in a row without an update
     if step == 0:
         tracker.log({"data/prompts": len(samples), "data/skipped_long_prompts": len(skipped)}, step=0)
     # asynchronous rollouts: the next steps' first rounds generate while the trainer updates (posttrain.ahead)
@@ -115,6 +117,8 @@ def run_rl(ctx: StageContext) -> None:
         if pool is not None:
             for uid, (n, c) in batch.outcomes.items():
                 pool.observe(uid, n, c, step)
+            for uid in batch.unscored:
+                pool.observe_unscored(uid)
             pool.refill()
         metrics |= batch.metrics
         metrics["time/rollout_s"] = time.perf_counter() - t0
@@ -153,6 +157,15 @@ def run_rl(ctx: StageContext) -> None:
             metrics["rollout/sync_seconds"] = rollouts.engine.metrics()["rollout/sync_seconds"]
         if not update.trained:
             metrics["train/skipped"] = 1.0
+        idle = 0 if update.trained else idle + 1
+        if idle >= cfg.max_idle_steps:
+            raise StageStalled(
+                f"stage {ctx.name} (rl): {idle} steps in a row without an informative group (last step {step + 1}: "
+                f"{batch.metrics.get('rollout/groups', 0):.0f} groups, zero-advantage fraction "
+                f"{batch.metrics.get('rollout/zero_adv_frac', 0):.2f}, trainable prompts "
+                f"{sum(map(len, (pool.trainable_by_capability() if pool else everything).values()))}); the rewards "
+                "do not tell the completions apart or the prompt pool is used up: check the rewards, or raise max_idle_steps"
+            )
         step += 1
 
         totals.add(batch, skipped_update=not update.trained)
@@ -172,6 +185,10 @@ def run_rl(ctx: StageContext) -> None:
     strategy.export_hf(ctx.checkpoint_dir, tokenizer)
     if pool is not None and strategy.is_main:  # the final pool: a later stage (DPO) reads the hard prompts
         write_json_atomic(ctx.stage_dir / POOL_FILE, pool.state_dict())
+
+
+class StageStalled(UserError):
+    """An RL stage that stopped updating: ``max_idle_steps`` steps in a row without an informative group."""
 
 
 def _client_state(
@@ -231,12 +248,14 @@ def _start_engine(ctx: StageContext, tokenizer: Any, resumed: bool) -> RolloutEn
         if ctx.strategy.is_main:
             write_hf_checkpoint(ctx.strategy.module, state, tokenizer, Path(source))
         ctx.strategy.barrier()
-    engine = make_engine(
-        ctx.cfg.engine.kind,
-        source,
-        tokenizer,
-        ctx.cfg.engine,
-        work_dir=ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}",
+    engine = ctx.closing(
+        make_engine(
+            ctx.cfg.engine.kind,
+            source,
+            tokenizer,
+            ctx.cfg.engine,
+            work_dir=ctx.stage_dir / f"rollout_rank{ctx.strategy.rank}",
+        )
     )
     if resumed:
         engine.sync_weights(ctx.strategy.hf_weights())
@@ -260,6 +279,7 @@ class StepBatch:
         default_factory=dict
     )  # uid -> (n scored, correct), all ranks
     zero_adv_groups: int = 0  # all ranks
+    unscored: list[str] = field(default_factory=list)  # prompts generated whose completions all scored None
     rollouts: int = 0  # scored completions, all ranks
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -321,7 +341,8 @@ class Rollouts:
                 r = first
             else:
                 rate = n_informative / len(out.outcomes) if out.outcomes else 1.0
-                uids = sampler.sample(trainable, max(need, math.ceil(need / max(rate, 0.1))), exclude=used)
+                ask = min(math.ceil(need / max(rate, 1e-9)), math.ceil(cfg.max_ask_ratio * need))
+                uids = sampler.sample(trainable, max(need, ask), exclude=used)
                 if not uids:
                     break
                 r = self.generate_round(step, uids, rounds + 1)
@@ -337,21 +358,26 @@ class Rollouts:
             local = {g.sample.uid: g for g in groups}
             flags = self.strategy.all_reduce_table(
                 [
-                    [float(not g.zero_advantage), float(g.scored), float(g.correct(cfg.pass_threshold))]
+                    [float(not g.zero_advantage), float(g.scored), float(g.correct(cfg.pass_threshold)), 1.0]
                     if (g := local.get(u)) is not None
-                    else [0.0, 0.0, 0.0]
+                    else [0.0, 0.0, 0.0, 0.0]
                     for u in uids
                 ]
             )
-            answered = [u for u, (_, n, _) in zip(uids, flags, strict=True) if n > 0]
-            informative = [u for u, (inf, n, _) in zip(uids, flags, strict=True) if inf > 0]
+            answered = [u for u, (_, n, _, _) in zip(uids, flags, strict=True) if n > 0]
+            informative = [u for u, (inf, n, _, _) in zip(uids, flags, strict=True) if inf > 0]
             n_informative += len(informative)
             # Plain GRPO (no filtering) trains on every group; zero-advantage ones then add only tokens
-            # to the denominator, as in TRL.
-            keep = set(informative[:need] if cfg.filter_zero_advantage else answered[:need])
-            for u, (_, n, c) in zip(uids, flags, strict=True):
+            # to the denominator, as in TRL. The capability quotas apply to what is kept, not only to
+            # what is drawn: filtering must not tilt the trained mix toward the easier capability.
+            keep = set(
+                _by_quota(informative if cfg.filter_zero_advantage else answered, need, sampler, self.by_uid)
+            )
+            for u, (_, n, c, made) in zip(uids, flags, strict=True):
                 if n > 0:
                     out.outcomes[u] = (int(n), int(c))
+                elif made > 0:
+                    out.unscored.append(u)
             for g in groups:
                 (out.kept if g.sample.uid in keep else out.dropped).append(g)
             out.kept_global += len(keep)
@@ -413,17 +439,19 @@ class Rollouts:
         local = {g.sample.uid: g for g in groups}
         table = self.strategy.all_reduce_table(
             [
-                [float(g.scored), float(g.correct(self.cfg.pass_threshold))]
+                [float(g.scored), float(g.correct(self.cfg.pass_threshold)), 1.0]
                 if (g := local.get(u))
-                else [0.0, 0.0]
+                else [0.0, 0.0, 0.0]
                 for u in due
             ]
         )
-        results = {u: (int(n), int(c)) for u, (n, c) in zip(due, table, strict=True) if n > 0}
-        report = pool.filter_pass(results, step, k=self.cfg.curriculum.pass_k)
+        results = {u: (int(n), int(c)) for u, (n, c, _) in zip(due, table, strict=True) if n > 0}
+        unscored = [u for u, (n, _, made) in zip(due, table, strict=True) if made > 0 and n == 0]
+        report = pool.filter_pass(results, step, k=self.cfg.curriculum.pass_k, unscored=unscored)
         out = {f"curriculum/filter/{k}": v for k, v in report.pass_at.items()}
         out |= {f"curriculum/filter/to_{status}": float(n) for status, n in report.moved.items()}
         out["curriculum/filter/checked"] = float(report.checked)
+        out["curriculum/filter/unscorable"] = float(len(unscored))
         out["curriculum/filter/seconds"] = time.perf_counter() - t0
         return FilterPass(out, sum(n for n, _ in results.values()))
 
@@ -438,6 +466,18 @@ class Rollouts:
         if self.cfg.truncated == "penalty":
             metrics["reward/overlong_penalized"] = float(overlong_penalty(groups, self.cfg))
         return groups, metrics
+
+
+def _by_quota(
+    uids: list[str], need: int, sampler: StratifiedSampler, by_uid: Mapping[str, Sample]
+) -> list[str]:
+    """Up to ``need`` of ``uids``, in their order, with each capability's share of the sampler's quotas."""
+    caps: dict[str, list[str]] = defaultdict(list)
+    for u in uids:
+        caps[by_uid[u].capability].append(u)
+    quota = sampler.quotas({c: len(v) for c, v in caps.items()}, need)
+    chosen = {u for c, v in caps.items() for u in v[: quota.get(c, 0)]}
+    return [u for u in uids if u in chosen]
 
 
 def overlong_penalty(groups: list[RolloutGroup], cfg: RLConfig) -> int:
