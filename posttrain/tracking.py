@@ -106,11 +106,12 @@ class Tracker:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
+            import numpy as np
             import wandb
 
             scalars = {k: v for k, v in row.items() if k not in ("step", "time")}
             hists = {
-                k: wandb.Histogram(np_histogram=(counts, edges))
+                k: wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
                 for k, (counts, edges) in wandb_histograms(scalars).items()
             }
             self._wandb.log(scalars | hists, step=step)
