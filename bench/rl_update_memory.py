@@ -54,7 +54,7 @@ def child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     from posttrain.losses import aggregate, entropy_from_logits, grpo_loss, token_logprobs
     from posttrain.models import build_model
     from posttrain.schema import parse
-    from posttrain.stages.rl import policy_update
+    from posttrain.stages.rl_update import policy_update
     from posttrain.strategy import Strategy
     from posttrain.types import Completion, RolloutGroup, Sample
 

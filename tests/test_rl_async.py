@@ -151,7 +151,8 @@ def test_behaviour_logprobs_are_those_of_the_stamped_version(tmp_path: Path) -> 
     from posttrain.reward_runner import RewardRunner
     from posttrain.rollout import make_engine
     from posttrain.schema import parse
-    from posttrain.stages.rl import Rollouts, policy_update
+    from posttrain.stages.rl import Rollouts
+    from posttrain.stages.rl_update import policy_update
     from posttrain.strategy import Strategy, write_hf_checkpoint
     from tests.test_rollout import hf_logprobs
 

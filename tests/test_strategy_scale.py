@@ -97,7 +97,7 @@ def _init(rank: int, world: int, port: int) -> None:
 def _update_worker(rank: int, world: int, port: int, runs: list[tuple[str, int, int]], out: str) -> None:
     """Each run: (name, ZeRO stage, micro-batch token budget): STEPS policy updates of this rank's share."""
     _init(rank, world, port)
-    from posttrain.stages.rl import policy_update
+    from posttrain.stages.rl_update import policy_update
     from posttrain.strategy import Strategy, shutdown
 
     for name, zero, budget in runs:
