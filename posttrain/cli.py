@@ -7,6 +7,7 @@
     posttrain recipes                             list shipped recipes with their descriptions
     posttrain report RUN_DIR [--out DIR]          an HTML page of a run: curves per stage, the accuracy table
     posttrain rewards [check NAME --data F]       list / try reward plugins
+    posttrain filters [check NAME --data F]       list / try data filters (difficulty judges)
 
 ``recipe=`` takes a shipped recipe name (``recipes/NAME.yaml`` inside the package) or a path to your
 own YAML file (its ``defaults`` may use the shipped groups: ``model/``, ``deepspeed/``).
@@ -209,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     from posttrain import report
 
     report.add_subparser(sub)
-    from posttrain import cli_rewards
+    from posttrain import cli_filters, cli_rewards
 
     cli_rewards.add_subparser(sub)
+    cli_filters.add_subparser(sub)
     return parser
 
 

@@ -31,6 +31,7 @@ from posttrain.config import STAGES, Recipe
 from posttrain.data import load_rows
 from posttrain.errors import UserError
 from posttrain.evaluate import evaluate
+from posttrain.filters import read_selection
 from posttrain.models import build_model, load_checkpoint
 from posttrain.preflight import preflight
 from posttrain.schema import first_difference, to_dict
@@ -231,6 +232,12 @@ def format_table(results: dict[str, dict[str, float]], recipe: Recipe) -> str:
         cells += [f"{r.get('greedy_len', float('nan')):.2f}"]  # mean completion tokens, EOS included
         cells += ["/".join(f"{r.get(f'{c}/{m}_pass@1', float('nan')):.2f}" for m in modes) for c in caps]
         rows.append(cells)
+    selections = {name: read_selection(run_dir(recipe) / name) for name in results if name != "base"}
+    if any(selections.values()):  # an SFT stage with data filters: how much of its data it kept
+        header.append("data kept")
+        for name, cells in zip(results, rows, strict=True):
+            s = selections.get(name)
+            cells.append(f"{s['kept']}/{s['rows']} ({s['kept'] / max(1, s['rows']):.0%})" if s else "-")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     line = "  ".join("-" * w for w in widths)
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731

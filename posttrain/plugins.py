@@ -1,4 +1,4 @@
-"""Decorators that plugin authors use: ``@reward("name")`` and ``@data_filter("name")``.
+"""Decorators that plugin authors use: ``@reward("name")`` and ``@data_filter("name")`` (see its docstring).
 
 A reward is a plain batch function, sync or async::
 
@@ -112,5 +112,102 @@ def require(module: str, extra: str, user: str) -> ModuleType:
         ) from None
 
 
-def data_filter(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return DATA_FILTERS.register(name)
+# --------------------------------------------------------------------------------------------------
+# Data filters
+
+_FILTER_INFO_ATTR = "__posttrain_data_filter__"
+
+
+@dataclass(frozen=True)
+class DataFilterInfo:
+    name: str
+    doc: str  # one line
+    judge: bool  # runs a judge model: the recipe's spec needs a ``judge`` section
+    options: type | None  # frozen dataclass the spec's kwargs are checked into (schema ranges); None: a dict
+    requires: tuple[tuple[str, str], ...] = ()  # (module, extra)
+    # the data columns the filter reads, given its options (checked against the data by validate)
+    columns: Callable[[Any], list[str]] | None = None
+    # cheap check of (options, spec, key path) before the run starts (no model loads): raise UserError
+    check: Callable[[Any, Any, str], None] | None = None
+
+
+def data_filter(
+    name: str | None = None,
+    *,
+    doc: str | None = None,
+    judge: bool = False,
+    options: type | None = None,
+    requires: Mapping[str, str] | None = None,
+    columns: Callable[[Any], list[str]] | None = None,
+    check: Callable[[Any, Any, str], None] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as data filter ``name`` (default: the function's name).
+
+    A filter scores rows; the stage's ``data_selection`` decides which to keep::
+
+        @data_filter("my_filter", doc="longer prompts are harder")
+        def my_filter(rows: datasets.Dataset, ctx: posttrain.filters.FilterContext) -> list[float | None]:
+            ...  # one difficulty in [0, 1] per row (1 = hardest); None: could not score it
+
+    It may return a ``posttrain.filters.FilterScores`` (scores + metrics + notes) instead of the list.
+    ``judge=True``: the filter runs a model (``ctx.judge``: the rollout engine on the spec's judge model,
+    with the judgment cache); ``options``: a frozen dataclass the spec's ``kwargs`` are parsed into (typed,
+    ranged, did-you-mean errors at validate), handed over as ``ctx.options``; ``columns(options)``: the
+    data columns it reads; ``check(options, spec, path)``: a cheap cross-check run by validate.
+    """
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        info = DataFilterInfo(
+            name=name or fn.__name__,
+            doc=doc or first_line(fn.__doc__),
+            judge=judge,
+            options=options,
+            requires=tuple((requires or {}).items()),
+            columns=columns,
+            check=check,
+        )
+        setattr(fn, _FILTER_INFO_ATTR, info)
+        return DATA_FILTERS.register(info.name)(fn)
+
+    return deco
+
+
+def data_filter_info(fn: Callable[..., Any], name: str) -> DataFilterInfo:
+    """The decorator's metadata, or metadata derived from a plain function (entry point, import path)."""
+    info = getattr(fn, _FILTER_INFO_ATTR, None)
+    if isinstance(info, DataFilterInfo):
+        return info
+    return DataFilterInfo(name=name, doc=first_line(fn.__doc__), judge=False, options=None)
+
+
+def resolve_filter(spec: Any, path: str) -> tuple[Callable[..., Any], DataFilterInfo, Any]:
+    """A recipe's ``DataFilterSpec`` -> (function, metadata, parsed options). Loads no model: the name
+    resolves, optional extras are installed, ``kwargs`` parse into the filter's options (one line naming
+    ``<path>.kwargs.KEY`` otherwise), a judge section is there when the filter runs a model, and the
+    filter's own ``check`` passes."""
+    from posttrain.schema import ConfigError, parse
+
+    fn = DATA_FILTERS.get(spec.name)
+    if not callable(fn):
+        raise ConfigError(f"{path}: data filter {spec.name!r} resolved to {fn!r}, which is not callable")
+    info = data_filter_info(fn, spec.name.rsplit(":", 1)[-1])
+    missing = [
+        f"data filter {info.name!r} needs the {module!r} package: pip install 'posttrain[{extra}]'"
+        for module, extra in info.requires
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        raise MissingDependencyError("; ".join(missing))
+    options = parse(info.options, spec.kwargs, f"{path}.kwargs") if info.options else dict(spec.kwargs)
+    if info.judge and spec.judge is None:
+        raise ConfigError(
+            f"'{path}': data filter {info.name!r} runs a judge model; add judge: {{model: <an earlier stage's "
+            "name or a checkpoint dir>}"
+        )
+    if not info.judge and spec.judge is not None:
+        raise ConfigError(
+            f"'{path}.judge': data filter {info.name!r} runs no model; remove its judge section"
+        )
+    if info.check is not None:
+        info.check(options, spec, path)
+    return fn, info, options

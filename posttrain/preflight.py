@@ -5,7 +5,8 @@ stages before it.
     preflight(recipe)
       ├─ the expert-parallel layout against the ranks and the model's experts  (posttrain.parallel)
       ├─ model dirs: the recipe's model and every teacher                       (check_model_path)
-      ├─ plugins: reward names, their extras and kwargs; data-filter names      (check_plugins)
+      ├─ plugins: rewards (names, extras, kwargs); data filters (names, options,  (check_plugins)
+      │           a judge: an earlier stage or a model dir)
       ├─ data sources: files exist, parse, and have the columns the stage reads (posttrain.data)
       └─ hardware: the GPUs the recipe states, and a per-GPU memory floor that must fit them
 
@@ -29,7 +30,7 @@ def preflight(recipe: Recipe, hub: bool = True) -> list[str]:
     not looked up (a recipe for a cluster validates on a laptop without the hub)."""
     check_recipe(recipe)
     check_model_paths(recipe, hub)
-    check_plugins(recipe)
+    check_plugins(recipe, hub)
     check_data(recipe)
     return check_hardware(recipe)
 
@@ -89,24 +90,35 @@ def check_model_path(source: str, key: str, hub: bool = True) -> None:
         ) from None
 
 
-def check_plugins(recipe: Recipe) -> None:
-    """Every stage's rewards resolve (names, optional extras, cheap kwargs checks) and its data filters
-    exist."""
-    from posttrain.registry import DATA_FILTERS
+def check_plugins(recipe: Recipe, hub: bool = True) -> None:
+    """Every stage's rewards resolve (names, optional extras, cheap kwargs checks), and so do its data
+    filters (names, options, a judge where the filter runs a model: an earlier stage or a model dir)."""
+    from posttrain.plugins import resolve_filter
     from posttrain.reward_runner import bind_rewards
 
-    for cfg in recipe.stages.values():
+    names = list(recipe.stages)
+    for i, (name, cfg) in enumerate(recipe.stages.items()):
         if hasattr(cfg, "rewards"):
             bind_rewards(cfg.rewards)
-        for name in getattr(cfg, "data_filters", ()):
-            DATA_FILTERS.get(name)
+        for j, spec in enumerate(getattr(cfg, "data_filters", ())):
+            path = f"stages.{name}.data_filters[{j}]"
+            resolve_filter(spec, path)
+            model = spec.judge.model if spec.judge is not None else None
+            if model is None or model in names[:i]:
+                continue
+            if model in names:
+                raise ConfigError(
+                    f"'{path}.judge.model' names stage {model!r}, which does not run before stage {name!r}; "
+                    f"a judge is an earlier stage ({', '.join(names[:i]) or 'none here'}) or a checkpoint dir"
+                )
+            check_model_path(model, f"{path}.judge.model", hub)
 
 
 def check_data(recipe: Recipe) -> None:
     """Every data source the recipe names: a file exists, parses and has rows of text; every source,
     the tiny world's too, has the columns its reader needs — the stage's, and those its rewards (or
     the eval section's reward) take without a default."""
-    from posttrain.plugins import required_columns
+    from posttrain.plugins import required_columns, resolve_filter
     from posttrain.registry import REWARDS
 
     sources = []
@@ -122,7 +134,12 @@ def check_data(recipe: Recipe) -> None:
             needs = ["prompt", "chosen", "rejected"]
         for spec in () if dataset_pairs else getattr(getattr(cfg, "rewards", None), "specs", ()):
             needs += [c for c in required_columns(REWARDS.get(spec.name)) if c not in spec.kwargs]
-        sources.append((f"stages.{name}.data", cfg.data, needs, f"stage {name!r} and its rewards"))
+        for j, spec in enumerate(getattr(cfg, "data_filters", ())):  # the columns each filter reads
+            _, info, options = resolve_filter(spec, f"stages.{name}.data_filters[{j}]")
+            needs += info.columns(options) if info.columns is not None else []
+        sources.append(
+            (f"stages.{name}.data", cfg.data, needs, f"stage {name!r}, its rewards and data filters")
+        )
     for key, data, needs, reader in sources:
         if data.source == "tiny":
             missing = [c for c in dict.fromkeys(needs) if not set(c.split("|")) & set(TINY_COLUMNS)]

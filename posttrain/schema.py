@@ -185,7 +185,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _coerce(a, value, path)
             except ConfigError as e:
-                if "must be >" in str(e) or "must be <" in str(e):
+                if any(f"must be {w}" in str(e) for w in (">", "<", "in [", "in (")):
                     range_error = e  # the type fits, the value does not: say that, not the type
         if range_error is not None:
             raise range_error
@@ -195,6 +195,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value
         raise ConfigError(f"'{path}' must be one of {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
+        shorthand = getattr(tp, "__shorthand__", None)  # a spec written as just its name: {name: value}
+        if shorthand is not None and isinstance(value, str):
+            value = {shorthand: value}
         return parse(tp, value, path)  # type: ignore[arg-type]
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -1,6 +1,7 @@
 """Supervised fine-tuning, and the one supervised loop every supervised stage trains with.
 
-``run_sft``: data -> (data filters) -> tokenise (loss on completion tokens only) -> ``train_supervised``
+``run_sft``: data -> (data filters: difficulty judges, then the selection; ``posttrain/filters.py``) ->
+tokenise (loss on completion tokens only) -> ``train_supervised``
 (with ``codistill_loss`` against an online teacher when ``codistill`` is set).
 
 ``train_supervised``: packed (default) or padded micro-batches -> per-token loss (NLL, or the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,8 +33,8 @@ import torch
 from posttrain.codistill import Codistiller
 from posttrain.config import SFTConfig, SupervisedLoopConfig
 from posttrain.data import Example, batch_layout, collate_rows, iterate_forever, load_rows, tokenize_sft
+from posttrain.filters import SELECTION_FILE, resolve_judge_model, run_filters, write_selection
 from posttrain.losses import IGNORE_INDEX, aggregate, sft_loss, shift_for_next_token
-from posttrain.registry import DATA_FILTERS
 from posttrain.stages.context import NonFiniteGuard, StageContext, maybe_eval, maybe_save, resume
 from posttrain.teacher import stage_max_len
 
@@ -40,19 +42,47 @@ from posttrain.teacher import stage_max_len
 def run_sft(ctx: StageContext) -> None:
     cfg: SFTConfig = ctx.cfg
     torch.manual_seed(ctx.seed)
-    model, tokenizer = ctx.load_model()
     ds = load_rows(cfg.data, "train", ctx.seed, required=["prompt", "completion|answer"])
-    for name in cfg.data_filters:
-        before = len(ds)
-        ds = DATA_FILTERS.get(name)(ds)
-        ctx.tracker.log(
-            {f"data/filter/{name}/kept": len(ds), f"data/filter/{name}/dropped": before - len(ds)}, step=0
-        )
+    if cfg.data_filters:  # judges run (and free their engines) before the student loads
+        ds = filter_rows(ctx, ds)
+    model, tokenizer = ctx.load_model()
     examples = tokenize_sft(ds, tokenizer, stage_max_len(cfg), where=cfg.data.source)
     codistill = None
     if cfg.codistill is not None:  # an online teacher, held by the strategy (sharded as the student is)
         codistill = Codistiller.online(cfg.codistill, model, tokenizer, ctx.strategy, ctx.seed)
     train_supervised(ctx, model, tokenizer, examples, codistill)
+
+
+def filter_rows(ctx: StageContext, ds: Any) -> Any:
+    """The stage's data filters score every row (judgments cached on disk) and ``data_selection`` keeps
+    part of them; the kept and dropped row ids go to ``<stage>/data_selection.json``. A resumed stage
+    finds every judgment in the cache (no judge call) and keeps the same rows."""
+    cfg: SFTConfig = ctx.cfg
+    strategy, run_dir = ctx.strategy, ctx.stage_dir.parent
+    shared = Path(ctx.recipe.run.dir).expanduser() / "judgment_cache"  # every run under run.dir
+    cache = Path(cfg.judgment_cache).expanduser() if cfg.judgment_cache else shared
+    stages = list(ctx.recipe.stages)
+    result = run_filters(
+        ds, cfg.data_filters, cfg.data_selection, seed=ctx.seed, cache_root=cache, work_dir=ctx.stage_dir,
+        judge_dir=lambda m: resolve_judge_model(m, stages[: stages.index(ctx.name)], run_dir),
+        label=ctx.name, progress=ctx.recipe.tracking.progress, rank=strategy.rank,
+        world=strategy.world_size, barrier=strategy.barrier, path=f"stages.{ctx.name}.data_filters",
+    )  # fmt: skip
+    sel = result.selection
+    if strategy.is_main:
+        resumed = (ctx.stage_dir / SELECTION_FILE).exists()
+        write_selection(ctx.stage_dir, result)
+        if not resumed:  # metrics.jsonl has them already
+            ctx.tracker.log(result.metrics, step=0)
+        print(
+            f"[posttrain] {ctx.name}: data filters ({', '.join(result.scores)}) kept {len(sel.kept)} of "
+            f"{len(result.ids)} rows ({len(sel.kept) / max(1, len(result.ids)):.1%}); ids in "
+            f"{ctx.stage_dir / SELECTION_FILE}",
+            flush=True,
+        )
+        for note in result.notes:
+            print(f"[posttrain] {ctx.name}: {note}", flush=True)
+    return ds.select(sel.kept)
 
 
 def train_supervised(
