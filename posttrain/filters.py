@@ -234,17 +234,19 @@ class Judge:
         """The judge's ``cfg.sampling`` completions of each prompt (a skipped, too long prompt has no group)."""
         import dataclasses
 
+        engine = self.engine  # started on first use (counted in start_seconds, not in judging time)
         t0 = time.perf_counter()
         params = self.cfg.sampling if seed is None else dataclasses.replace(self.cfg.sampling, seed=seed)
-        groups: list[RolloutGroup] = self.engine.generate(samples, params)
+        groups: list[RolloutGroup] = engine.generate(samples, params)
         self._count(len(samples), self.engine.last_stats, time.perf_counter() - t0)
         return groups
 
     def next_token_logprobs(
         self, samples: Sequence[Sample], token_ids: Sequence[int]
     ) -> list[list[float] | None]:
+        engine = self.engine
         t0 = time.perf_counter()
-        out: list[list[float] | None] = self.engine.next_token_logprobs(samples, token_ids)
+        out: list[list[float] | None] = engine.next_token_logprobs(samples, token_ids)
         self._count(len(samples), self.engine.last_stats, time.perf_counter() - t0)
         return out
 
@@ -274,6 +276,8 @@ class Judge:
         self.cache_hits += sum(1 for k in keys if k in cache.values)
         todo = list(missing.values())
         mine = todo[self.rank :: self.world]
+        if todo and self.world > 1:
+            _ = self.engine  # every rank starts its engine (on GPUs vLLM joins the ranks' group together)
         bar = self._bar(len(mine), filter_name, len(rows) - len(todo))
         size = self.cfg.batch_size
         for chunk_no, start in enumerate(range(0, len(mine), size)):
