@@ -171,6 +171,7 @@ class _Canvas:
         self.fig = Figure(figsize=size, dpi=100, layout="constrained")
         self.axes = [self.fig.add_subplot(rows, cols, i + 1) for i in range(n)]
         self.bad = 0
+        self.steps: dict[int, set[int]] = {}  # axis -> the steps drawn on it
         self.legend = True  # False: each axis is titled by its one series
         from matplotlib.ticker import MaxNLocator
 
@@ -186,6 +187,7 @@ class _Canvas:
         if not steps:
             return False
         self.bad += bad
+        self.steps.setdefault(id(ax), set()).update(steps)
         style = {"marker": "o", "markersize": 3} if len(steps) <= 20 else {}
         ax.plot(steps, values, label=label or key, **{"linewidth": 1.4} | style | kw)
         return True
@@ -196,15 +198,20 @@ class _Canvas:
                 ax.legend(fontsize=7, loc="best", framealpha=0.7)
             if not ax.get_xlabel():
                 ax.set_xlabel("step", fontsize=8)
+            if len(steps := self.steps.get(id(ax), set())) == 1:  # one point: a step either side
+                (only,) = steps
+                ax.set_xlim(only - 1, only + 1)
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png", metadata={"Software": None})
         return buf.getvalue()
 
 
 def _caps(keys: Sequence[str], prefix: str, suffix: str) -> list[str]:
-    """The middle parts of ``<prefix><cap>/<suffix>`` keys (capabilities), sorted."""
+    """The middle parts of ``<prefix><cap>/<suffix>`` keys (capabilities), sorted; none when there is
+    only one (its curve would repeat the overall one)."""
     pat = re.compile(re.escape(prefix) + r"([^/]+)/" + re.escape(suffix) + "$")
-    return sorted({m[1] for k in keys if (m := pat.match(k))})
+    caps = sorted({m[1] for k in keys if (m := pat.match(k))})
+    return caps if len(caps) > 1 else []
 
 
 def _bins(keys: Sequence[str], prefix: str) -> list[tuple[float, float, str]]:
