@@ -143,7 +143,9 @@ def check_values(ds: datasets.Dataset, where: str, columns: Sequence[str] = TEXT
 
 
 def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
+    )
 
 
 def _check_jsonl(path: Path) -> None:
