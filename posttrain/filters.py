@@ -266,22 +266,27 @@ class Judge:
         compute: Callable[[list[int], int], list[Any]],
     ) -> list[Any]:
         """One cached value per row. ``compute(indices, chunk_no)`` judges the rows at ``indices`` (JSON
-        values, one each; ``chunk_no`` for seeding); ``columns``: the columns that make an example."""
+        values, one each; ``chunk_no``, the chunk's place among the distinct examples, for seeding);
+        ``columns``: the columns that make an example."""
         cache = JudgmentCache(self.cache_root, filter_name, self.key_settings(settings))
         keys = [example_hash(r, columns) for r in rows]
-        missing: dict[str, int] = {}  # example hash -> first row with it
+        first: dict[str, int] = {}  # example hash -> first row with it
         for i, k in enumerate(keys):
-            if k not in cache.values and k not in missing:
-                missing[k] = i
+            first.setdefault(k, i)
         self.cache_hits += sum(1 for k in keys if k in cache.values)
-        todo = list(missing.values())
-        mine = todo[self.rank :: self.world]
+        # Chunks are cut from the distinct examples in row order, whatever the cache holds, and chunk c
+        # goes to rank c % world: a chunk is judged with the same rows and seed whether the pass is
+        # whole, resumed after a kill (the cache is written a chunk at a time) or run on other ranks.
+        size = self.cfg.batch_size
+        uniq = list(first.values())
+        chunks = list(enumerate(uniq[at : at + size] for at in range(0, len(uniq), size)))
+        todo = [(c, idx) for c, idx in chunks if any(keys[i] not in cache.values for i in idx)]
+        mine = [(c, idx) for c, idx in todo if c % self.world == self.rank]
         if todo and self.world > 1:
             _ = self.engine  # every rank starts its engine (on GPUs vLLM joins the ranks' group together)
-        bar = self._bar(len(mine), filter_name, len(rows) - len(todo))
-        size = self.cfg.batch_size
-        for chunk_no, start in enumerate(range(0, len(mine), size)):
-            chunk = mine[start : start + size]
+        cached = len(rows) - sum(len(idx) for _, idx in todo)
+        bar = self._bar(sum(len(idx) for _, idx in mine), filter_name, cached)
+        for chunk_no, chunk in mine:
             values = compute(chunk, chunk_no)
             if len(values) != len(chunk):
                 raise FilterError(

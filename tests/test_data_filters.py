@@ -159,7 +159,8 @@ def test_interrupted_judge_pass_resumes_with_only_the_missing_calls(
     garbage_judge: Path, tmp_path: Path
 ) -> None:
     """A judge pass stopped after 3 chunks (the fast variant of the SIGKILL test below), with a torn last
-    line in its file as a kill mid-write leaves: the rerun judges exactly the rows the cache lacks."""
+    line in its file as a kill mid-write leaves: the rerun judges exactly the rows the cache lacks, in the
+    chunks (rows and chunk numbers, which seed the judge) an uninterrupted pass would have used."""
     from posttrain.config import JudgeConfig
     from posttrain.filters import Judge
 
@@ -181,13 +182,16 @@ def test_interrupted_judge_pass_resumes_with_only_the_missing_calls(
     with file.open("a") as f:
         f.write('{"x": "torn')  # a write cut short
     again: list[int] = []
+    chunks: list[tuple[int, list[int]]] = []
 
     def count(idx: list[int], chunk_no: int) -> list[Any]:
         again.extend(idx)
+        chunks.append((chunk_no, idx))
         return [{"v": i} for i in idx]
 
     values = judge.map("demo", {}, rows, ["prompt", "answer"], count)
     assert sorted(again) == list(range(48, 100))  # exactly the missing rows
+    assert chunks == [(c, list(range(16 * c, min(16 * c + 16, 100)))) for c in range(3, 7)]
     assert values == [{"v": i} for i in range(100)] and judge.cache_hits == 48
 
 

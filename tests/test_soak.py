@@ -3,8 +3,9 @@ checkpoints of an uninterrupted run, bit for bit.
 
     .venv/bin/python -m pytest -m slow tests/test_soak.py          # POSTTRAIN_SOAK_KILLS=N (default 10)
 
-The recipe (``soak_recipe``) chains every stage type and every on-disk cache there is: SFT, RL with
-vLLM and a curriculum pool, DPO on dataset pairs (its pairs file + cached reference log-probs), and a
+The recipe (``soak_recipe``) chains every stage type and every on-disk cache there is: SFT, lightweight
+SFT (a ``pass_rate`` judge pass through vLLM, its judgment cache written a chunk at a time, and the
+selection), RL with vLLM and a curriculum pool, DPO on dataset pairs (its pairs file + cached reference log-probs), and a
 distill stage codistilling from a frozen MoE teacher; each stage saves resume state every 2 steps. One
 uninterrupted run gives the reference. Then, for each of N kills, a fresh run is started and
 SIGKILLed (the whole process group) at a uniformly random moment of the reference's wall time, and
@@ -51,6 +52,12 @@ def soak_recipe(run_dir: Path) -> dict[str, Any]:
         "eval": {"data": {**tiny, "num_eval": 8}, "max_new_tokens": 4, "sampled": False, "include_base": False},
         "stages": {
             "sft": {"type": "sft", "data": tiny, "max_steps": 6, "micro_batch_size": 8, "save_every": 2},
+            "hard_sft": {
+                "type": "sft", "data": {**tiny, "num_train": 160}, "max_steps": 4, "micro_batch_size": 8,
+                "save_every": 2, "data_selection": {"drop_easiest": 0.5},
+                "data_filters": [{"name": "pass_rate",
+                                  "judge": {"model": "sft", "sampling": {"n": 2, "max_tokens": 4}, "batch_size": 16}}],
+            },
             "rl": {
                 "type": "rl", "data": tiny, "sampling": {"n": 4, "max_tokens": 4}, "prompts_per_step": 4,
                 "max_gen_batches": 2, "max_steps": 6, "save_every": 2, "log_samples_every": 1,
@@ -100,7 +107,7 @@ def _run_to_end(recipe: Path, cwd: Path, kill_at: list[float]) -> tuple[int, lis
 def _checkpoints(run: Path) -> dict[str, dict[str, Any]]:
     return {
         s: load_file(str(run / s / "checkpoint" / "model.safetensors"))
-        for s in ("sft", "rl", "dpo", "distill")
+        for s in ("sft", "hard_sft", "rl", "dpo", "distill")
     }
 
 
