@@ -240,6 +240,8 @@ def format_table(results: dict[str, dict[str, float]], recipe: Recipe) -> str:
             cells.append(f"{s['kept']}/{s['rows']} ({s['kept'] / max(1, s['rows']):.0%})" if s else "-")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     line = "  ".join("-" * w for w in widths)
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    title = f"held-out accuracy per stage ({recipe.run.name}; {recipe.eval.data.num_eval if recipe.eval.data.source == 'tiny' else ''} prompts per capability)"
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    data = recipe.eval.data
+    per_cap = f"; {data.num_eval} prompts per capability" if data.source == "tiny" else ""
+    title = f"held-out accuracy per stage ({recipe.run.name}{per_cap})"
     return "\n".join([title, fmt(header), line, *map(fmt, rows)])
