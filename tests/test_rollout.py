@@ -270,7 +270,9 @@ def test_streamed_weight_sync_equals_a_full_state_dict_sync(case: Case) -> None:
 
     case.engine.sync_weights(case.model.state_dict())  # other weights in between
     between = case.engine.generate(samples(), params)
-    assert [c.logprobs for g in between for c in g.completions] != [c.logprobs for g in whole for c in g.completions]
+    assert [c.logprobs for g in between for c in g.completions] != [
+        c.logprobs for g in whole for c in g.completions
+    ]
     case.engine.sync_weights(stream())
     streamed = case.engine.generate(samples(), params)
     assert tokens(streamed) == tokens(whole)

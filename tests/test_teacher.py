@@ -141,7 +141,10 @@ def test_codistill_config_checks() -> None:
         ({"targets": "x", "modes": ["fixed", "schedule"]}, r"'c.modes'"),
         ({"targets": "x", "modes": ["confidence"]}, r"'c.modes\[0\]' must be one of"),
         ({"targets": "x", "lambda0": 1.5}, r"'c.lambda0' must be in \[0, 1\]"),
-        ({"targets": "x", "divergence": "jsd", "jsd_beta": 1.0}, r"'c.jsd_beta' must be in \(0, 1\), got 1.0"),
+        (
+            {"targets": "x", "divergence": "jsd", "jsd_beta": 1.0},
+            r"'c.jsd_beta' must be in \(0, 1\), got 1.0",
+        ),
         ({"targets": "x", "teacher": {"arch": "llama4"}, "top_k": 0}, r"'c.top_k' must be >= 1"),
         ({"targets": "x", "temprature": 2.0}, r"did you mean 'c.temperature'"),
     ]
