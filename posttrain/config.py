@@ -393,13 +393,13 @@ class CurriculumConfig:
     """Continuous curriculum over a prompt pool (see posttrain/curriculum.py for the status rules)."""
 
     enabled: bool = False  # False: prompts drawn from the whole train set, no filter passes
-    pool_size: PosInt = 256  # trainable prompts the pool keeps topped up from the dataset
+    pool_size: PosInt = 1024  # trainable prompts the pool keeps topped up from the dataset
     band: tuple[Prob, ...] = (0.0, 1.0)  # [lo, hi] pass-rate band kept for training
     band_final: tuple[Prob, ...] | None = None  # the band reached at band_steps (toward harder: lower)
     band_steps: NonNegInt = 0
     refilter_every: NonNegInt = 50  # steps between filter passes (pass 0 runs before step 1); 0: never
-    filter_samples: PosInt = 8  # completions per prompt in a filter pass (the n of c-of-n)
-    pass_k: PosInt = 8  # the k of the logged pass@k (<= filter_samples)
+    filter_samples: PosInt = 4  # completions per prompt in a filter pass (the n of c-of-n)
+    pass_k: PosInt = 4  # the k of the logged pass@k (<= filter_samples)
     retire_after: PosInt = 2  # consecutive all-correct checks (filter pass or training group) to retire
     backlog_recheck_every: PosInt = 2  # a backlog prompt is re-checked every this many filter passes
     # a prompt checked this many times in a row outside the band (easy or backlog) is abandoned: not
