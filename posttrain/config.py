@@ -445,6 +445,13 @@ class RLLossConfig:
     # w = min(pi_prox / pi_behav, is_cap); mask: tokens with w outside [1/is_cap, is_cap] leave the loss.
     is_correction: Literal["none", "truncate", "mask"] = "none"
     is_cap: Annotated[float, Range(gt=1)] = 2.0
+    # What the clipped ratio is taken against. behaviour: the engine's log-probs of the weights that
+    # sampled (PPO's trust region around the sampling policy: a token the last updates already pushed
+    # past 1 + clip_high is not pushed again); proximal: the trainer's log-probs before this step's
+    # update (ratio 1 at the first update, so one update per batch has no trust region). auto:
+    # behaviour when rollouts can be stale (asynchronous, max_staleness >= 1) and is_correction is
+    # none, else proximal (the synchronous loop, or decoupled PPO with an importance correction).
+    clip_anchor: Literal["auto", "behaviour", "proximal"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -513,6 +520,14 @@ class RLConfig:
     log_samples_every: NonNegInt = 10  # rows appended to the rollout table every N steps
     samples_per_log: PosInt = 4
 
+    @property
+    def clip_anchor(self) -> Literal["behaviour", "proximal"]:
+        """``loss.clip_anchor`` resolved (see RLLossConfig)."""
+        if self.loss.clip_anchor != "auto":
+            return self.loss.clip_anchor
+        stale = self.asynchronous.enabled and self.asynchronous.max_staleness > 0
+        return "behaviour" if stale and self.loss.is_correction == "none" else "proximal"
+
     def check(self, path: str) -> None:
         if self.sampling.n < 2:
             raise ConfigError(
@@ -532,6 +547,12 @@ class RLConfig:
             raise ConfigError(
                 f"'{path}.sampling.top_p' is {self.sampling.top_p}: the policy gradient takes log-probs of the "
                 "tempered full distribution, which top-p sampling truncates; RL needs top_p: 1.0"
+            )
+        if self.loss.clip_anchor == "behaviour" and self.loss.is_correction != "none":
+            raise ConfigError(
+                f"'{path}.loss.is_correction' is {self.loss.is_correction} with clip_anchor: behaviour, whose "
+                "ratio to the behaviour log-probs already corrects for them; set is_correction: none, or "
+                "clip_anchor: proximal for decoupled PPO"
             )
 
 

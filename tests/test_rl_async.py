@@ -141,7 +141,20 @@ def test_behaviour_logprobs_are_those_of_the_stamped_version(tmp_path: Path) -> 
     """The RL loop's pieces, driven by hand with K = 1 so the test can keep every version's weights:
     a group generated ahead carries the version of the weights the engine held, and its behaviour
     log-probs equal a transformers forward with exactly those weights (at the sampling temperature),
-    not with the trainer's current ones."""
+    not with the trainer's current ones. 4 steps here; the slow variant below runs 50."""
+    assert _stamped_versions(tmp_path, steps=4) >= 8
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_behaviour_logprobs_are_those_of_the_stamped_version_over_50_steps(tmp_path: Path) -> None:
+    """The same check at every step of a 50-step run (every cached prefix and weight sync on the way)."""
+    assert _stamped_versions(tmp_path, steps=50) >= 100
+
+
+def _stamped_versions(tmp_path: Path, steps: int) -> int:
+    """Runs ``steps`` steps with K = 1; asserts every stale completion's behaviour log-probs against its
+    stamped version's weights; returns how many completions were checked."""
     import yaml
 
     from posttrain.config import DeepSpeedConfig, ModelConfig
@@ -164,7 +177,7 @@ def test_behaviour_logprobs_are_those_of_the_stamped_version(tmp_path: Path) -> 
     mcfg = parse(ModelConfig, yaml.safe_load(Path("recipes/model/tiny_llama.yaml").read_text()), "model")
     model, tok = build_model(mcfg, seed=0)
     strategy = Strategy(DeepSpeedConfig(zero_stage=0), seed=0)
-    strategy.setup(model, cfg.optim, 10, micro_batch_size=1)
+    strategy.setup(model, cfg.optim, steps, micro_batch_size=1)
     start = tmp_path / "start"
     write_hf_checkpoint(model, strategy.full_state_dict(), tok, start)
     samples, _ = load_prompt_samples(cfg.data, tok, 0, 24, where="stages.rl")
@@ -175,7 +188,7 @@ def test_behaviour_logprobs_are_those_of_the_stamped_version(tmp_path: Path) -> 
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     checked = 0
     try:
-        for step in range(4):
+        for step in range(steps):
             first = ahead.take(step) if ahead.has(step) else None
             batch = rollouts.collect(everything, sampler, step, first)
             snapshots[rollouts.version] = {k: v.clone() for k, v in strategy.full_state_dict().items()}
@@ -191,7 +204,7 @@ def test_behaviour_logprobs_are_those_of_the_stamped_version(tmp_path: Path) -> 
                         now = hf_logprobs(current, g.prompt_ids, c.token_ids, temperature=0.8)
                         assert (torch.tensor(c.logprobs) - now).abs().max() > 1e-4  # the check can fail
                         checked += 1
-            if step + 1 < 4:
+            if step + 1 < steps:
                 ahead.admit(step + 1, sampler.sample(everything, cfg.prompts_per_step))
             ahead.start()
             policy_update(strategy, batch.kept, cfg, tok.pad_token_id, None)
@@ -201,4 +214,4 @@ def test_behaviour_logprobs_are_those_of_the_stamped_version(tmp_path: Path) -> 
     finally:
         engine.close()
         strategy.close()
-    assert checked >= 8
+    return checked

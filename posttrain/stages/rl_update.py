@@ -46,10 +46,12 @@ def policy_update(
     completion-token count over all ranks, so the split never changes the gradient.
 
     Log-probs are taken at the sampling temperature, over the completion positions only, in chunks
-    (``losses.completion_logprobs``). The first update is on-policy (ratio 1). With ``minibatches > 1``
-    the later ones run on weights that already moved: their ratio is taken against the trainer's
-    log-probs from before the first update (one no-grad forward of those sequences), and the clip
-    bounds how far they go.
+    (``losses.completion_logprobs``). The clipped ratio is taken against ``cfg.clip_anchor``: the
+    engine's behaviour log-probs (asynchronous rollouts: PPO's trust region around the policy that
+    sampled), or the proximal ones — the first update is then on-policy (ratio 1), and with
+    ``minibatches > 1`` the later ones, on weights that already moved, take their ratio against the
+    trainer's log-probs from before the first update (one no-grad forward of those sequences), and the
+    clip bounds how far they go.
     """
     seqs = [
         _Seq(g.prompt_ids, c.token_ids, a, c.logprobs)
@@ -86,7 +88,8 @@ def policy_update(
         return batch, out.logits[:, :-1]  # position t predicts completion token t
 
     temperature, chunk = cfg.sampling.temperature, cfg.logprob_chunk_tokens
-    if cfg.minibatches > 1:
+    behaviour_anchor = cfg.clip_anchor == "behaviour"  # else the proximal (pre-update) log-probs
+    if cfg.minibatches > 1 and not behaviour_anchor:
         with torch.no_grad():  # old log-probs of the sequences updated after the first optimizer step
             for part in parts[1:]:
                 for micro in micro_batches(part):
@@ -99,7 +102,7 @@ def policy_update(
 
     sums: dict[str, float] = defaultdict(float)
     model_tokens = updates = 0
-    for part, denom in zip(parts, denoms, strict=True):
+    for u, (part, denom) in enumerate(zip(parts, denoms, strict=True)):
         if denom == 0:  # the same on every rank: skip the whole optimizer step
             continue
         updates += 1
@@ -112,11 +115,12 @@ def policy_update(
             logprobs, entropy = completion_logprobs(
                 logits, batch["completion_ids"], temperature, chunk, entropy_grad=cfg.loss.entropy_coef > 0
             )  # [B, C] each
-            old = (
-                logprobs.detach()
-                if micro[0].old_logprobs is None
-                else batch["old_logprobs"].to(logits.device)
-            )
+            if behaviour_anchor:  # the sampling policy's log-probs (possibly older weights)
+                old = batch["sampling_logprobs"].to(logits.device)
+            elif u == 0:  # the first update: the current weights
+                old = logprobs.detach()
+            else:  # a later minibatch: the weights before this step's first update
+                old = batch["old_logprobs"].to(logits.device)
             ref_logprobs = None
             if reference is not None:
                 _, ref_logits = forward(micro, reference)
@@ -150,7 +154,7 @@ def policy_update(
             sums["ratio_max"] = max(sums["ratio_max"], float(m["ratio_max"]) if n_tok else 0.0)
             if "kl_mean" in m:
                 sums["kl"] += float(m["kl_mean"]) * n_tok
-            if micro[0].old_logprobs is None:  # before any update of this step: trainer vs engine
+            if u == 0:  # before any update of this step: trainer vs engine
                 diff = (logprobs.detach() - batch["sampling_logprobs"].to(logits.device)).abs()
                 sums["logprob_diff"] += float((diff * mask).sum())
                 sums["logprob_tokens"] += n_tok
