@@ -121,7 +121,7 @@ def test_killed_runs_resume_to_the_same_checkpoints(tmp_path: Path) -> None:
     rng = random.Random(os.environ.get("POSTTRAIN_SOAK_SEED", "0"))
     ref_dir = tmp_path / "reference"
     ref_dir.mkdir()
-    (ref_dir / "r.yaml").write_text(yaml.safe_dump(soak_recipe(ref_dir / "runs")))
+    (ref_dir / "r.yaml").write_text(yaml.safe_dump(soak_recipe(ref_dir / "runs"), sort_keys=False))
     t0 = time.monotonic()
     _run_to_end(ref_dir / "r.yaml", ref_dir, [])
     duration = time.monotonic() - t0
@@ -134,7 +134,7 @@ def test_killed_runs_resume_to_the_same_checkpoints(tmp_path: Path) -> None:
         trial += 1
         work = tmp_path / f"trial{trial}"
         work.mkdir()
-        (work / "r.yaml").write_text(yaml.safe_dump(soak_recipe(work / "runs")))
+        (work / "r.yaml").write_text(yaml.safe_dump(soak_recipe(work / "runs"), sort_keys=False))
         moments = sorted(rng.uniform(1.0, duration) for _ in range(min(2, kills - done)))
         _, killed = _run_to_end(work / "r.yaml", work, [moments[0], *(m - moments[0] for m in moments[1:])])
         done += len(killed)
