@@ -274,6 +274,28 @@ def stage_plots(stage: Stage) -> list[Plot]:
         c.legend = False
         return c
 
+    # ---- lightweight SFT: the judged difficulty of the rows before and after the selection ----
+    setup = next((r for r in rows if r["step"] == 0), {})  # the data-filter pass logs at step 0
+
+    def selection() -> _Canvas | None:
+        bins = _bins(list(setup), "data/selection/difficulty_before/")
+        if not bins:
+            return None
+        c = _Canvas()
+        ax, x = c.axes[0], list(range(len(bins)))
+        before = [float(setup[k]) for _, _, k in bins]
+        after = [float(setup.get(k.replace("_before/", "_after/"), 0.0)) for _, _, k in bins]
+        ax.bar([i - 0.2 for i in x], before, width=0.4, label="all rows", color=_PALETTE[0])
+        ax.bar([i + 0.2 for i in x], after, width=0.4, label="kept", color=_PALETTE[1])
+        ax.set_xticks(x, [f"{lo:.1f}-{hi:.1f}" for lo, hi, _ in bins], rotation=45, fontsize=7)
+        ax.set_xlabel("difficulty the judges gave (0 easy, 1 hard)", fontsize=8)
+        ax.set_ylabel("rows", fontsize=8)
+        return c
+
+    kept, total = setup.get("data/selection/kept"), setup.get("data/selection/rows")
+    note = f"kept {kept:.0f} of {total:.0f} rows" if isinstance(kept, int | float) and total else ""
+    add("selection", "Data filters: judged difficulty before and after the selection", selection, note)
+
     # ---- loss ----
     def loss() -> _Canvas | None:
         c = simple([("train/loss", "loss")], "loss")
@@ -666,10 +688,16 @@ def _stage_html(stage: Stage, plots: Sequence[Plot]) -> str:
     ]
     setup = {k: v for r in stage.rows if r["step"] == 0 for k, v in r.items() if k not in ("step", "time")}
     if setup:
-        parts.append(
+        table = (
             '<table class="kv"><tr><th colspan="2">at the start</th></tr>'
             + "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in setup.items())
             + "</table>"
+        )
+        # a long one (a data-filter pass logs ~50 values) folds away, as the last values below do
+        parts.append(
+            table
+            if len(setup) <= 12
+            else f"<details><summary>{len(setup)} values at the start</summary>{table}</details>"
         )
     if plots:
         parts.append('<div class="grid">')

@@ -290,7 +290,8 @@ def test_report_of_a_real_run_draws_every_plot_in_chromium(tiny_run: Path, tmp_p
 
 def _synthetic_run(root: Path) -> Path:
     """A run dir without recipe.yaml: a distill stage (codistillation, expert load, a NaN and an
-    Infinity loss, a torn last line) and a DPO stage, with eval.json."""
+    Infinity loss, a torn last line), a DPO stage and an SFT stage whose data filters logged their
+    selection at step 0, with eval.json."""
     run = root / "synthetic"
     rows_a, rows_b = [], []
     for s in range(1, 9):
@@ -309,7 +310,14 @@ def _synthetic_run(root: Path) -> Path:
             {"step": s, "time": 1.0 * s, "train/loss": 0.69 - 0.01 * s, "dpo/margin": 0.1 * s, "dpo/accuracy": 0.6,
              "dpo/rewards_chosen": 0.1, "dpo/rewards_rejected": -0.1, "train/lr": 1e-4}
         )  # fmt: skip
-    for name, rows in (("distill", rows_a), ("dpo", rows_b)):
+    bins = [f"{b / 10:.1f}-{(b + 1) / 10:.1f}" for b in range(10)]
+    rows_c = [
+        {"step": 0, "time": 0.0, "data/selection/rows": 20.0, "data/selection/kept": 10.0,
+         **{f"data/selection/difficulty_before/{b}": 2.0 for b in bins},
+         **{f"data/selection/difficulty_after/{b}": 2.0 * (i >= 5) for i, b in enumerate(bins)}},
+        *({"step": s, "time": 1.0 * s, "train/loss": 1.0 / s} for s in range(1, 4)),
+    ]  # fmt: skip
+    for name, rows in (("distill", rows_a), ("dpo", rows_b), ("sft", rows_c)):
         sd = run / name
         sd.mkdir(parents=True)
         text = "".join(json.dumps(r) + "\n" for r in rows)
@@ -324,5 +332,8 @@ def test_report_reads_nan_and_torn_rows_and_draws_codistill_moe_and_dpo_in_chrom
     assert [r["step"] for r in read_metrics(run / "distill" / "metrics.jsonl")] == list(range(1, 9))
     index = build_report(run)
     plots = {f"distill-{k}" for k in ("loss", "codistill", "experts", "throughput", "optim")}
-    _check_page(index, tmp_path / "profile", {"accuracy", "dpo-loss", "dpo-dpo", *plots})
+    _check_page(
+        index, tmp_path / "profile", {"accuracy", "dpo-loss", "dpo-dpo", "sft-selection", "sft-loss", *plots}
+    )
+    assert "kept 10 of 20 rows" in index.read_text()  # the data filters' selection, with its note
     assert "2 non-finite value(s) not drawn" in index.read_text()
