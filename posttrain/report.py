@@ -143,6 +143,12 @@ def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return steps, values, bad
 
 
+def setup_values(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the stage logged before its first step (the step-0 rows, merged: a data-filter pass, the
+    RL prompt pool, the DPO pairs)."""
+    return {k: v for r in rows if r["step"] == 0 for k, v in r.items() if k not in ("step", "time")}
+
+
 def keys_of(rows: Sequence[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for r in rows:
@@ -275,7 +281,7 @@ def stage_plots(stage: Stage) -> list[Plot]:
         return c
 
     # ---- lightweight SFT: the judged difficulty of the rows before and after the selection ----
-    setup = next((r for r in rows if r["step"] == 0), {})  # the data-filter pass logs at step 0
+    setup = setup_values(rows)  # the data-filter pass logs at step 0
 
     def selection() -> _Canvas | None:
         bins = _bins(list(setup), "data/selection/difficulty_before/")
@@ -686,7 +692,7 @@ def _stage_html(stage: Stage, plots: Sequence[Plot]) -> str:
         + (f", last step {max(steps)}" if steps else "")
         + "</p>",
     ]
-    setup = {k: v for r in stage.rows if r["step"] == 0 for k, v in r.items() if k not in ("step", "time")}
+    setup = setup_values(stage.rows)
     if setup:
         table = (
             '<table class="kv"><tr><th colspan="2">at the start</th></tr>'
