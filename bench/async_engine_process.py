@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -56,16 +57,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from async_rl import cpu_seconds as process_cpu_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process and its waited-for and live children."""
     total = sum(os.times()[:4])
-    for pid in [p.pid for p in mp.active_children()]:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:
-            pass
+    for child in mp.active_children():
+        if math.isfinite(seconds := process_cpu_seconds(child.pid)):  # NaN: it has just exited
+            total += seconds
     return total
 
 
